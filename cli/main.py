@@ -13,6 +13,7 @@ from dn.errors import DnError, ExitCode
 
 # One module per noun; each defines ``app``. Modules import nothing heavy at import time.
 NOUNS: list[tuple[str, str]] = [
+    ("runbook", "cli.runbook"),
 ]
 
 app = typer.Typer(
@@ -42,7 +43,7 @@ def _report(e: BaseException, traceback: bool) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     if traceback:
         import traceback as tb
 
@@ -54,7 +55,7 @@ def _report(e: BaseException, traceback: bool) -> int:
         if e.runbook:
             err.print(f"[yellow]runbook:[/] dn runbook show {escape(e.runbook)}")
         return int(e.exit_code)
-    err.print(f"[bold red]unexpected error:[/] {escape(type(e).__name__)}: {escape(str(e).splitlines()[0] if str(e) else '')}")
+    err.print(f"[bold red]unexpected error:[/] {escape(type(e).__name__)}: {escape((str(e).splitlines() or [''])[0][:200])}")
     err.print("rerun with --traceback for details")
     return int(ExitCode.FAILED)
 

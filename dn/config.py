@@ -320,11 +320,23 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
+def _env_path(key: str) -> list[str]:
+    """DN__HOSTS__SANDBOX_EU1__KEY_PATH -> ["hosts", "sandbox-eu1", "key_path"].
+
+    Host and plan names use '-', which environment variable names cannot hold: in the name
+    segment under ``hosts`` and ``plans``, '_' stands for '-'.
+    """
+    parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+    if len(parts) > 2 and parts[0] in ("hosts", "plans"):
+        parts[1] = parts[1].replace("_", "-")
+    return parts
+
+
 def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     for key, raw in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower().replace("_", "-") if i and parts_is_name(key, i) else p.lower() for i, p in enumerate(key[len(ENV_PREFIX):].split("__"))]
+        parts = _env_path(key)
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -332,12 +344,6 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"{key}: {'.'.join(parts)} is not a table in the configuration")
         node[parts[-1]] = _env_value(raw)
     return data
-
-
-def parts_is_name(key: str, i: int) -> bool:
-    """In DN__HOSTS__SANDBOX_EU1__PORT the host name segment maps '_' to '-'."""
-    segs = key[len(ENV_PREFIX):].split("__")
-    return i == 1 and segs[0].lower() in ("hosts", "plans") and i < len(segs) - 1
 
 
 def _describe(e: ValidationError, source: str) -> str:

@@ -24,6 +24,7 @@ class DnError(Exception):
     """A failure dn can explain. Never put a secret into message or hint."""
 
     exit_code: ExitCode = ExitCode.FAILED
+    default_runbook: str | None = None
 
     def __init__(
         self,
@@ -36,7 +37,7 @@ class DnError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.runbook = runbook  # e.g. "incident-response#detection"
+        self.runbook = runbook or self.default_runbook  # e.g. "incident-response#detection"
         self.where = where  # tenant / host / stack the failure concerns
 
     def __str__(self) -> str:
@@ -71,6 +72,8 @@ class Unreachable(DnError):
 class HostKeyError(Unreachable):
     """Unknown or changed SSH host key: dn refuses to connect."""
 
+    default_runbook = "host-key-compromise#a-host-key-changed-or-is-unknown"
+
 
 class PolicyViolation(DnError):
     exit_code = ExitCode.POLICY
@@ -82,3 +85,4 @@ class DriftFound(DnError):
 
 class Locked(DnError):
     exit_code = ExitCode.LOCKED
+    default_runbook = "incident-response#a-lock-is-held"

@@ -1,0 +1,80 @@
+"""Configuration: file, environment overrides, strict validation naming file, key and rule."""
+from pathlib import Path
+
+import pytest
+
+from dn.config import SANDBOX_HOST, load_settings
+from dn.errors import ConfigError, ExitCode
+
+GOOD = """
+default_host = "eu1"
+[hosts.eu1]
+address = "203.0.113.10"
+key_path = "/root/.ssh/dn_ed25519"
+host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGj7l4Z6Yx1Q2Z3x4c5v6b7n8m9a0s1d2f3g4h5j6k7l"
+admin_sources = ["198.51.100.7/32"]
+[database]
+dsn = "postgresql://dn@db.internal:5432/dn"
+[plans.pro]
+rate_per_ip = 50
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_embedded_default_is_the_sandbox(tmp_path):
+    s = load_settings(None, {"DN_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")})
+    assert s.default_host == SANDBOX_HOST
+    assert s.host().address == "10.231.1.2"
+    assert s.backend_url == f"file://{tmp_path / 'state'}"
+    assert "embedded default" in s.source
+
+
+def test_file_and_env_override(tmp_path):
+    p = write(tmp_path, GOOD)
+    s = load_settings(p, {"DN__HOSTS__EU1__PORT": "2222", "DN__PLANS__PRO__CPUS": "2.5", "DN_HOME": str(tmp_path)})
+    assert s.host("eu1").port == 2222
+    assert s.plan("pro").rate_per_ip == 50
+    assert s.plan("pro").cpus == 2.5
+    assert s.source == str(p)
+
+
+@pytest.mark.parametrize(
+    "text, key, rule",
+    [
+        (GOOD + "\n[surprise]\nx = 1\n", "surprise", "unknown key"),
+        (GOOD.replace('address = "203.0.113.10"', 'address = "bad host!"'), "hosts.eu1.address", "IP address or a lower-case DNS hostname"),
+        (GOOD.replace('host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGj7l4Z6Yx1Q2Z3x4c5v6b7n8m9a0s1d2f3g4h5j6k7l"', ""), "hosts.eu1", "never accepts an unknown host key"),
+        (GOOD.replace("dn@db.internal", "dn:hunter2@db.internal"), "database.dsn", "must not contain a password"),
+        (GOOD.replace('"198.51.100.7/32"', '"not-a-cidr"'), "hosts.eu1.admin_sources", "not a CIDR"),
+        (GOOD.replace("rate_per_ip = 50", "rate_per_ip = 0"), "plans.pro.rate_per_ip", "greater than or equal to 1"),
+        (GOOD.replace('default_host = "eu1"', 'default_host = "eu9"'), "default_host", "not one of hosts"),
+        (GOOD + '\n[retention]\naccounting_years = 3\n', "retention.accounting_years", "greater than or equal to 5"),
+    ],
+)
+def test_invalid_config_names_file_key_and_rule(tmp_path, text, key, rule):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, {"DN_HOME": str(tmp_path)})
+    msg = str(ei.value)
+    assert str(p) in msg and key in msg and rule in msg
+    assert ei.value.exit_code == ExitCode.INVALID
+    assert "hunter2" not in msg
+
+
+def test_env_override_unknown_key_is_an_error(tmp_path):
+    p = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match="hosts.eu1.prot: unknown key"):
+        load_settings(p, {"DN__HOSTS__EU1__PROT": "22", "DN_HOME": str(tmp_path)})
+
+
+def test_broken_toml_and_missing_explicit_file(tmp_path):
+    p = write(tmp_path, "hosts = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(p, {})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml", {})
