@@ -2,24 +2,55 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+# Plain help output: Typer's rich help formatter imports rich.markdown and markdown-it, which
+# triples the cold start of every `--help` (bench/startup.py). Errors stay rich (dn's handler).
+os.environ.setdefault("TYPER_USE_RICH", "0")
+# pydantic scans installed entry points for plugins on first use; dn uses none.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 from dn.context import Context
 from dn.errors import DnError, ExitCode
 
-# One module per noun; each defines ``app``. Modules import nothing heavy at import time.
-NOUNS: list[tuple[str, str]] = [
-    ("runbook", "cli.runbook"),
+# One module per noun, each defining ``app``; imported only when that noun is used, so
+# `dn --help` and `dn <noun> --help` stay fast. (name, module, one-line help)
+NOUNS: list[tuple[str, str, str]] = [
+    ("runbook", "cli.runbook", "Runbooks: incident response, key compromise, passphrase loss."),
 ]
+
+
+class LazyNouns(TyperGroup):
+    """The root group: nouns are listed from NOUNS and imported on first use."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(self.commands) | {n for n, _, _ in NOUNS})
+
+    def get_command(self, ctx, cmd_name: str):
+        for name, module, _ in NOUNS:
+            if name == cmd_name and name not in self.commands:
+                cmd = typer.main.get_group(importlib.import_module(module).app)
+                cmd.name = name
+                self.commands[name] = cmd
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        helps = {n: h for n, _, h in NOUNS}
+        rows = [(n, helps.get(n) or self.commands[n].get_short_help_str(60)) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 app = typer.Typer(
     name="dn",
     help="dn — control plane for EU-hosted server-side GTM. Declares tenants, operates backups, proves the trust page.",
     no_args_is_help=True,
+    cls=LazyNouns,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -33,10 +64,6 @@ def root(
 ) -> None:
     """Build the one context object every command receives."""
     ctx.obj = Context(config_path=config, traceback=traceback)
-
-
-for _name, _module in NOUNS:
-    app.add_typer(importlib.import_module(_module).app, name=_name)
 
 
 def _report(e: BaseException, traceback: bool) -> int:
