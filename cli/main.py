@@ -22,6 +22,7 @@ from dn.errors import DnError, ExitCode
 # One module per noun, each defining ``app``; imported only when that noun is used, so
 # `dn --help` and `dn <noun> --help` stay fast. (name, module, one-line help)
 NOUNS: list[tuple[str, str, str]] = [
+    ("doctor", "cli.doctor", "Check every prerequisite and say how to fix what is missing."),
     ("runbook", "cli.runbook", "Runbooks: incident response, key compromise, passphrase loss."),
 ]
 
