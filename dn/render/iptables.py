@@ -1,0 +1,429 @@
+"""iptables rules for an EU host (baseline) and for each tenant (templates in ``templates/iptables/``).
+
+Design (filter table):
+
+- dn only ever rewrites its **own chains**. In an ``iptables-restore --noflush`` file, declaring a
+  user chain (``:DN-INPUT - [0:0]``) creates it or, if it exists, flushes it; the rules that
+  follow rebuild it. Docker's chains and anyone else's rules are left alone.
+- dn's chains are reached through **hooks**: single jump rules dn keeps exactly once at the top
+  of a chain it does not own (``INPUT -j DN-INPUT``, ``DOCKER-USER -j DN-TENANTS-FWD``,
+  ``DN-TENANTS-FWD -i <bridge> -j DN-T-<H>``). Whether a hook must be inserted (missing) or
+  deleted (duplicated) depends on the live ruleset, so ``Ruleset.restore_text(current)`` takes
+  the parsed ``iptables-save`` output and emits ``-I``/``-D`` lines only as needed: applying twice
+  leaves every hook exactly once.
+- Shared dispatch chains (``DN-TENANTS-FWD``, ``DN-TENANTS-IN``) are **ensured**: created when
+  missing, never flushed, because every tenant keeps its own hook in them.
+
+Host baseline (``render_baseline``), IPv4 and IPv6: INPUT (and FORWARD) policy DROP; ``DN-INPUT``
+accepts loopback, established/related, essential ICMP (rate-limited echo), tcp 80/443 from
+anywhere and SSH only from the admin sources. Traffic from tenant bridges (``dnt+``) to the host
+goes to ``DN-TENANTS-IN`` and is otherwise dropped. Tenant networks are IPv4-only: the IPv6
+ruleset drops everything to, from or through tenant bridges.
+
+Tenant (``render_tenant_rules``, IPv4): ``DN-T-<H>`` (entered for packets forwarded from the
+tenant's bridge) returns established traffic to Docker's rules, drops anything towards other
+tenants' bridges (``dnt+`` and any extra bridges named), ``docker0`` and private, loopback,
+link-local, CGNAT, multicast and reserved ranges; the rest (egress to the internet, which sGTM
+needs to forward tags) returns to Docker's rules, which accept it. ``DN-TI-<H>`` (entered for
+packets from the bridge to the host) accepts established traffic and tcp 443 (the host's own
+nginx, as reachable from the internet anyway: the tagging server reaches its preview server
+through it) plus the host's ``tenant_host_services``; everything else is dropped, so tenant
+containers cannot reach SSH, PostgreSQL, dockerd or any other host service.
+
+Rules are written in iptables-save's canonical form (``-s`` before ``-p``, ``-m tcp``, numeric
+ICMP types, ``RELATED,ESTABLISHED``, quoted comments) so what dn renders compares equal to what
+``iptables-save`` prints after loading it (``Ruleset.drift``).
+"""
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dn.errors import InvalidInput
+from dn.models import BRIDGE_PREFIX, HostBaseline, TenantSpec
+from dn.render import environment, ipt
+
+TABLE = "filter"
+TENANTS_FWD = "DN-TENANTS-FWD"
+TENANTS_IN = "DN-TENANTS-IN"
+DN_INPUT = "DN-INPUT"
+DN_FORWARD = "DN-FORWARD"
+DOCKER_USER = "DOCKER-USER"
+
+# Destinations tenant containers may never reach by forwarding (IPv4).
+BLOCKED_EGRESS_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+# ICMPv6 the host needs: destination unreachable, packet too big, time exceeded, parameter
+# problem, router solicitation/advertisement, neighbour solicitation/advertisement.
+ICMPV6_ESSENTIAL = (1, 2, 3, 4, 133, 134, 135, 136)
+
+BUILTIN_CHAINS: Mapping[str, frozenset[str]] = {
+    "filter": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
+    "nat": frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}),
+    "mangle": frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}),
+    "raw": frozenset({"PREROUTING", "OUTPUT"}),
+    "security": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
+}
+BUILTIN_TARGETS = frozenset(
+    """ACCEPT DROP RETURN REJECT LOG QUEUE NFQUEUE NFLOG ULOG MARK CONNMARK DNAT SNAT MASQUERADE
+    REDIRECT NETMAP TCPMSS CT NOTRACK TRACE AUDIT CHECKSUM CLASSIFY TEE SET TPROXY SECMARK
+    CONNSECMARK DSCP TOS TTL HL IDLETIMER LED RATEEST SYNPROXY HMARK CLUSTERIP""".split()
+)
+
+Rule = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- iptables-save parsing
+
+
+@dataclass
+class SavedTable:
+    """One table of ``iptables-save`` output: chain policies (None for user chains) and rules."""
+
+    policies: dict[str, str | None] = field(default_factory=dict)
+    rules: dict[str, list[Rule]] = field(default_factory=dict)
+
+    def chain(self, name: str) -> list[Rule]:
+        return self.rules.get(name, [])
+
+    def count(self, chain: str, rule: Rule) -> int:
+        return sum(1 for r in self.chain(chain) if r == rule)
+
+
+def _tokens(line: str, lineno: int) -> list[str]:
+    try:
+        return shlex.split(line, comments=False, posix=True)
+    except ValueError as e:
+        raise InvalidInput("iptables-save", f"line {lineno}: cannot be split into arguments ({e})") from None
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Parse ``iptables-save`` (or ``-c``) output into a normalized form: per table, chain
+    policies and each chain's rules as argument tuples, counters and comments dropped."""
+    tables: dict[str, SavedTable] = {}
+    cur: SavedTable | None = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:], SavedTable())
+            continue
+        if line == "COMMIT":
+            cur = None
+            continue
+        if cur is None:
+            raise InvalidInput("iptables-save", f"line {n}: rule outside a table")
+        if line.startswith(":"):
+            name, policy = (line[1:].split() + ["-"])[:2]
+            cur.policies[name] = None if policy == "-" else policy
+            cur.rules.setdefault(name, [])
+            continue
+        if line.startswith("["):  # iptables-save -c: "[pkts:bytes] -A CHAIN ..."
+            line = line.split("]", 1)[1].strip()
+        toks = _tokens(line, n)
+        if len(toks) < 2 or toks[0] != "-A":
+            raise InvalidInput("iptables-save", f"line {n}: expected '-A CHAIN ...'")
+        cur.rules.setdefault(toks[1], []).append(tuple(toks[2:]))
+    return tables
+
+
+# --------------------------------------------------------------------------- chain references
+
+
+def _restore_lines(text: str) -> Iterable[tuple[str, str, list[str]]]:
+    table = ""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            table = line[1:]
+        elif line == "COMMIT":
+            table = ""
+        elif line.startswith(":"):
+            yield table, "decl", [line[1:].split()[0]]
+        else:
+            yield table, "rule", _tokens(line, n)
+
+
+def declared_chains(text: str) -> dict[str, set[str]]:
+    """Chains a restore file declares (``:NAME``) or creates (``-N NAME``), per table."""
+    out: dict[str, set[str]] = {}
+    for table, kind, toks in _restore_lines(text):
+        if kind == "decl":
+            out.setdefault(table, set()).add(toks[0])
+        elif toks and toks[0] in ("-N", "--new-chain") and len(toks) > 1:
+            out.setdefault(table, set()).add(toks[1])
+    return out
+
+
+def referenced_chains(text: str) -> dict[str, set[str]]:
+    """Every chain a restore file uses, per table: rule chains (-A/-I/-D/-R/-F/-X/-Z/-P/-N) and
+    jump or goto targets that are not built-in targets. Built-in chains are included."""
+    out: dict[str, set[str]] = {}
+    for table, kind, toks in _restore_lines(text):
+        refs = out.setdefault(table, set())
+        if kind == "decl":
+            refs.add(toks[0])
+            continue
+        for i, tok in enumerate(toks):
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            if nxt is None:
+                break
+            if i == 0 and tok in ("-A", "-I", "-D", "-R", "-F", "-X", "-Z", "-P", "-N", "--append",
+                                  "--insert", "--delete", "--replace", "--flush", "--delete-chain",
+                                  "--zero", "--policy", "--new-chain"):
+                refs.add(nxt)
+            elif tok in ("-j", "--jump", "-g", "--goto") and nxt not in BUILTIN_TARGETS:
+                refs.add(nxt)
+    return out
+
+
+def missing_chains(text: str, current: Mapping[str, SavedTable]) -> dict[str, set[str]]:
+    """Chains ``text`` references that neither it declares nor exist in ``current`` (parsed
+    iptables-save) nor are built in. ``iptables-nft-restore --test`` does not catch these."""
+    declared = declared_chains(text)
+    out: dict[str, set[str]] = {}
+    for table, refs in referenced_chains(text).items():
+        existing = set(current.get(table, SavedTable()).policies)
+        missing = refs - declared.get(table, set()) - existing - BUILTIN_CHAINS.get(table, frozenset())
+        if missing:
+            out[table] = missing
+    return out
+
+
+# --------------------------------------------------------------------------- rulesets
+
+
+def format_rule(verb: str, chain: str, rule: Rule) -> str:
+    """One restore line; comment values are double-quoted as iptables-save prints them."""
+    parts = [verb, chain]
+    for i, tok in enumerate(rule):
+        if i and rule[i - 1] == "--comment":
+            parts.append('"' + tok.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        else:
+            parts.append(tok)
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A jump dn keeps exactly once at the top of a chain it does not own."""
+
+    chain: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """A part of the filter table dn owns, for one address family."""
+
+    family: int
+    chains: tuple[str, ...]  # owned: declared (created or flushed) and rebuilt on every apply
+    rules: tuple[tuple[str, Rule], ...]
+    ensure: tuple[str, ...] = ()  # shared: created when missing, never flushed
+    hooks: tuple[Hook, ...] = ()
+    policies: tuple[tuple[str, str], ...] = ()  # built-in chain policies
+    table: str = TABLE
+
+    @property
+    def save_command(self) -> str:
+        return "iptables-save" if self.family == 4 else "ip6tables-save"
+
+    @property
+    def restore_command(self) -> str:
+        return "iptables-restore" if self.family == 4 else "ip6tables-restore"
+
+    def expected(self) -> dict[str, list[Rule]]:
+        """The rules each owned chain must hold, in order."""
+        out: dict[str, list[Rule]] = {c: [] for c in self.chains}
+        for chain, rule in self.rules:
+            out[chain].append(rule)
+        return out
+
+    def restore_text(self, current: Mapping[str, SavedTable]) -> str:
+        """The ``iptables-restore --noflush`` input that brings ``current`` to this ruleset."""
+        now = current.get(self.table, SavedTable())
+        lines = [f"*{self.table}"]
+        lines += [f":{chain} {policy} [0:0]" for chain, policy in self.policies]
+        lines += [f":{c} - [0:0]" for c in self.chains]
+        lines += [f":{c} - [0:0]" for c in self.ensure if c not in now.policies and c not in self.chains]
+        lines += [format_rule("-A", chain, rule) for chain, rule in self.rules]
+        # Inserting at 1 in reverse order leaves the hooks in their listed order at the top.
+        for hook in reversed(self.hooks):
+            n = now.count(hook.chain, hook.rule)
+            if n == 0:
+                lines.append(format_rule("-I", hook.chain, ("1",) + hook.rule))
+            lines += [format_rule("-D", hook.chain, hook.rule)] * max(0, n - 1)
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+    def removal_text(self, current: Mapping[str, SavedTable]) -> str:
+        """The restore input that removes this ruleset's hooks and owned chains (shared chains
+        and policies stay)."""
+        now = current.get(self.table, SavedTable())
+        lines = [f"*{self.table}"]
+        for hook in self.hooks:
+            lines += [format_rule("-D", hook.chain, hook.rule)] * now.count(hook.chain, hook.rule)
+        present = [c for c in self.chains if c in now.policies]
+        lines += [f"-F {c}" for c in present]
+        lines += [f"-X {c}" for c in present]
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+    def drift(self, current: Mapping[str, SavedTable]) -> list[str]:
+        """Differences between this ruleset and the live one; empty when in place."""
+        now = current.get(self.table, SavedTable())
+        out = []
+        for chain, policy in self.policies:
+            if now.policies.get(chain) != policy:
+                out.append(f"{chain}: policy is {now.policies.get(chain)}, expected {policy}")
+        for chain, rules in self.expected().items():
+            if chain not in now.policies:
+                out.append(f"{chain}: chain missing")
+            elif now.chain(chain) != rules:
+                out.append(f"{chain}: rules differ from the rendered ruleset")
+        for chain in self.ensure:
+            if chain not in now.policies:
+                out.append(f"{chain}: chain missing")
+        for hook in self.hooks:
+            n = now.count(hook.chain, hook.rule)
+            if n != 1:
+                out.append(f"{hook.chain}: jump '{' '.join(hook.rule)}' present {n} times, expected once")
+        return out
+
+
+def _parse_rendered(text: str) -> tuple[tuple[str, Rule], ...]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        toks = _tokens(line, n)
+        out.append((toks[1], tuple(toks[2:])))
+    return tuple(out)
+
+
+def _env():
+    return environment("iptables", ipt)
+
+
+def _check_bridge(name: str) -> str:
+    if not isinstance(name, str) or not 1 <= len(name) <= 15 or not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
+        raise InvalidInput("bridges", f"{name!r} is not a Linux interface name (1-15 of A-Z a-z 0-9 - _)")
+    return name
+
+
+def render_tenant_rules(
+    tenant: TenantSpec,
+    all_tenant_bridges: Sequence[str],
+    *,
+    host_services: Sequence[str] = (),
+) -> Ruleset:
+    """The IPv4 ruleset isolating one tenant's network.
+
+    ``all_tenant_bridges``: the bridges of every tenant on the host (this one included) and any
+    other bridge to isolate from. Names following dn's scheme are covered by the ``dnt+`` match;
+    others get an explicit drop. A name equal to this tenant's bridge listed twice means two
+    tenants share a bridge name, which is refused. ``host_services``: ``tcp/PORT`` or
+    ``udp/PORT`` host services the containers may reach (``HostBaseline.tenant_host_services``).
+    """
+    bridges = [_check_bridge(b) for b in all_tenant_bridges]
+    if bridges.count(tenant.bridge) > 1:
+        raise InvalidInput("bridges", f"bridge {tenant.bridge} of {tenant.slug!r} is used by another tenant too", where=tenant.slug)
+    others = sorted({b for b in bridges if not b.startswith(BRIDGE_PREFIX)})
+    services = []
+    for s in host_services:
+        proto, _, port = s.partition("/")
+        if proto not in ("tcp", "udp") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidInput("tenant_host_services", f"{s!r} must be 'tcp/PORT' or 'udp/PORT'")
+        services.append((proto, int(port)))
+    text = _env().get_template("tenant.rules.j2").render(
+        t=tenant, bridge_prefix=BRIDGE_PREFIX, other_bridges=others, blocked=BLOCKED_EGRESS_V4, services=services
+    )
+    return Ruleset(
+        family=4,
+        chains=(tenant.chain_forward, tenant.chain_input),
+        rules=_parse_rendered(text),
+        ensure=(TENANTS_FWD, TENANTS_IN),
+        hooks=(
+            Hook(TENANTS_FWD, ("-i", tenant.bridge, "-j", tenant.chain_forward)),
+            Hook(TENANTS_IN, ("-i", tenant.bridge, "-j", tenant.chain_input)),
+        ),
+    )
+
+
+def render_baseline(host: HostBaseline) -> dict[int, Ruleset]:
+    """The host baseline rulesets, ``{4: ..., 6: ...}``."""
+    env = _env()
+    out = {}
+    for family in (4, 6):
+        text = env.get_template("baseline.rules.j2").render(
+            host=host,
+            family=family,
+            bridge_prefix=BRIDGE_PREFIX,
+            public_ports=",".join(str(p) for p in host.public_ports),
+            admin_sources=[_canonical_cidr(c) for c in (host.admin_sources_v4 if family == 4 else host.admin_sources_v6)],
+            icmpv6=ICMPV6_ESSENTIAL,
+        )
+        if family == 4:
+            out[4] = Ruleset(
+                family=4,
+                chains=(DN_INPUT,),
+                rules=_parse_rendered(text),
+                ensure=(TENANTS_IN, TENANTS_FWD, DOCKER_USER),
+                hooks=(Hook("INPUT", ("-j", DN_INPUT)), Hook(DOCKER_USER, ("-j", TENANTS_FWD))),
+                policies=(("INPUT", "DROP"), ("FORWARD", "DROP")),
+            )
+        else:
+            out[6] = Ruleset(
+                family=6,
+                chains=(DN_INPUT, DN_FORWARD),
+                rules=_parse_rendered(text),
+                hooks=(Hook("INPUT", ("-j", DN_INPUT)), Hook("FORWARD", ("-j", DN_FORWARD))),
+                policies=(("INPUT", "DROP"), ("FORWARD", "DROP")),
+            )
+    return out
+
+
+def _canonical_cidr(cidr: str) -> str:
+    # iptables-save prints a host as /32 (/128) and the network address with host bits cleared.
+    return str(ipaddress.ip_network(cidr, strict=False))
+
+
+def render_tenants(tenants: Sequence[TenantSpec], host: HostBaseline) -> list[Ruleset]:
+    """Every tenant's ruleset for one host."""
+    bridges = [t.bridge for t in tenants]
+    return [render_tenant_rules(t, bridges, host_services=host.tenant_host_services) for t in tenants]
+
+
+def combined_restore_text(rulesets: Sequence[Ruleset], current: Mapping[str, SavedTable]) -> str:
+    """One restore input (one transaction) for several rulesets of the same family and table."""
+    if not rulesets:
+        return ""
+    families = {r.family for r in rulesets}
+    if len(families) != 1:
+        raise InvalidInput("rulesets", "cannot combine IPv4 and IPv6 rulesets in one restore")
+    bodies = [r.restore_text(current).splitlines()[1:-1] for r in rulesets]
+    decls = []
+    seen = set()
+    for body in bodies:
+        for line in body:
+            if line.startswith(":") and line not in seen:
+                seen.add(line)
+                decls.append(line)
+    rules = [line for body in bodies for line in body if not line.startswith(":")]
+    return "\n".join([f"*{rulesets[0].table}", *decls, *rules, "COMMIT"]) + "\n"

@@ -1,0 +1,125 @@
+"""nginx configuration for an EU host and its tenants (templates in ``templates/nginx/``).
+
+Files (on-host paths, under the host prefix):
+
+- ``/etc/nginx/nginx.conf``: main config: TLS 1.2/1.3 with the Mozilla intermediate ciphers,
+  default servers (444 on 80, ``ssl_reject_handshake`` on 443 for unknown SNI), 429 for rate
+  limits, the privacy-preserving access log, and includes of the zones file and vhost dir.
+- ``/etc/nginx/dn/zones.conf``: every tenant's ``limit_req_zone`` / ``limit_conn_zone``.
+- ``/etc/nginx/dn/ffdhe2048.pem``: the RFC 7919 ffdhe2048 group for the DHE ciphers.
+- ``/etc/nginx/dn/vhosts/<slug>.conf``: one tenant (``render_vhost``).
+
+Rate limits per tenant: per client address (``$binary_remote_addr``) and for the tenant as a
+whole, keyed on a fixed per-tenant constant (never ``$host``, which clients choose), plus a
+per-address connection limit; bursts are served without delay (``nodelay``) up to the plan's
+burst. Zone sizes follow ``dn.models.zone_sizes``: per-IP request zone = rate_per_tenant × 60
+states, per-IP connection zone = rate_per_tenant × 15 states, 128 bytes a state, rounded up to
+64 KiB (minimum 64 KiB); the per-tenant zone holds one state (64 KiB). Zone names carry a hash
+of key, size and rate, so a plan change yields a new zone instead of a refused reload.
+
+Routing: ``/`` goes to the tagging container (``<tagging address>:8080`` on the tenant network);
+the preview server, when enabled, is served under the path ``/_dn/preview/`` on the same domains
+(the prefix is stripped). Give the tagging container ``PREVIEW_SERVER_URL=https://<first
+domain>/_dn/preview``. A path rather than a subdomain keeps one certificate and one DNS name per
+domain. Suspended and deleting tenants get 503 and no upstream.
+
+Access log: ISO time, the vhost's configured name (``$server_name``), method, path without the
+query string (``$uri``), status, bytes, timings. No client address, query, user agent, referer or
+cookie is written. The error log runs at ``warn``; limit refusals are logged at ``notice`` and so
+are not written (they would carry client addresses).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dn.models import KEEPALIVE_S, TENANT_PORT, HostBaseline, TenantSpec, TenantStatus, check_tenant_set
+from dn.render import TEMPLATES, environment, ngx
+
+# Mozilla SSL configuration generator, "intermediate" profile (TLS 1.2 ciphers; TLS 1.3 suites
+# are not configurable in nginx and are all strong).
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+PREVIEW_PATH = "/_dn/preview"
+BODY_MAX = "1m"  # sGTM hits are small; a bound protects the containers
+
+
+NGINX_CONF = "/etc/nginx/nginx.conf"
+ZONES_CONF = "/etc/nginx/dn/zones.conf"
+DHPARAM = "/etc/nginx/dn/ffdhe2048.pem"
+VHOST_DIR = "/etc/nginx/dn/vhosts"
+
+
+def _env():
+    return environment("nginx", ngx)
+
+
+def _paths(host: HostBaseline) -> dict[str, str]:
+    return {
+        "pid": host.path("/run/nginx.pid"),
+        "error_log": host.path("/var/log/nginx/error.log"),
+        "access_log": host.path("/var/log/nginx/dn-access.log"),
+        "temp": host.path("/var/lib/nginx"),
+        "dhparam": host.path(DHPARAM),
+        "zones": host.path(ZONES_CONF),
+        "vhosts": host.path(VHOST_DIR),
+        "acme_root": host.path(host.acme_root),
+    }
+
+
+def vhost_path(host: HostBaseline, tenant: TenantSpec) -> str:
+    """On-host path of a tenant's vhost file."""
+    return host.path(f"{VHOST_DIR}/{tenant.slug}.conf")
+
+
+def cert_paths(host: HostBaseline, tenant: TenantSpec) -> tuple[str, str]:
+    """On-host (certificate, key) paths: ``<cert_dir>/<first domain>.crt`` / ``.key``."""
+    base = host.path(f"{host.cert_dir.rstrip('/')}/{tenant.cert_name}")
+    return base + ".crt", base + ".key"
+
+
+def render_base(host: HostBaseline, tenants: Sequence[TenantSpec]) -> dict[str, str]:
+    """The host's nginx main config, zones file and DH group, keyed by on-host path."""
+    check_tenant_set(tenants, host)
+    env = _env()
+    paths = _paths(host)
+    common = {"host": host, "paths": paths, "keepalive": KEEPALIVE_S, "body_max": BODY_MAX}
+    return {
+        host.path(NGINX_CONF): env.get_template("nginx.conf.j2").render(ciphers=MOZILLA_INTERMEDIATE_CIPHERS, **common),
+        host.path(ZONES_CONF): env.get_template("zones.conf.j2").render(tenants=list(tenants), **common),
+        host.path(DHPARAM): (TEMPLATES / "nginx" / "ffdhe2048.pem").read_text(),
+    }
+
+
+def render_vhost(tenant: TenantSpec, host: HostBaseline) -> str:
+    """The vhost file of one tenant (write it to ``vhost_path``)."""
+    cert, key = cert_paths(host, tenant)
+    paths = dict(_paths(host), cert=cert, key=key)
+    return _env().get_template("vhost.conf.j2").render(
+        t=tenant,
+        host=host,
+        paths=paths,
+        active=tenant.status == TenantStatus.active,
+        port=TENANT_PORT,
+        preview_path=PREVIEW_PATH,
+        body_max=BODY_MAX,
+    )
+
+
+def render_all(host: HostBaseline, tenants: Sequence[TenantSpec]) -> dict[str, str]:
+    """Base files plus every tenant's vhost, keyed by on-host path."""
+    files = render_base(host, tenants)
+    for t in tenants:
+        files[vhost_path(host, t)] = render_vhost(t, host)
+    return files
