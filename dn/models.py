@@ -166,10 +166,16 @@ def normalize_domain(value: str, *, allow_wildcard: bool = False) -> str:
     return alabel
 
 
+_IDNA_RULES = {
+    "Label too long": "each label must be at most 63 characters",
+    "Domain too long": "must be at most 253 characters in total",
+}
+
+
 def _idna_reason(e: Exception) -> str:
     # idna's messages quote the offending input; keep only the rule part, bounded.
     msg = str(e).split(" in '")[0].split(" of '")[0]
-    return msg[:80]
+    return _IDNA_RULES.get(msg, msg[:80])
 
 
 # --------------------------------------------------------------------------- images
@@ -306,6 +312,10 @@ def check_oncalendar(value: str) -> str:
             f"{_show(value)}: must be at most 64 characters of letters, digits and * : , . / - space"
         )
     parts = value.split(" ")
+    if "" in parts:
+        raise ValueError(f"{_show(value)}: parts must be separated by single spaces")
+    if len(parts) == 3 and "-" in parts[0]:
+        raise ValueError(f"{_show(value)}: must be '[WEEKDAYS ]*-MM-DD HH:MM[:SS]' (no time zone, no extra fields)")
     if len(parts) == 3:
         wd, date, time = parts
         for item in wd.split(","):

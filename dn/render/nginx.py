@@ -31,7 +31,9 @@ are not written (they would carry client addresses).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from dn.errors import InvalidInput
 from dn.models import KEEPALIVE_S, TENANT_PORT, HostBaseline, TenantSpec, TenantStatus, check_tenant_set
 from dn.render import TEMPLATES, environment, ngx
 
@@ -115,6 +117,80 @@ def render_vhost(tenant: TenantSpec, host: HostBaseline) -> str:
         preview_path=PREVIEW_PATH,
         body_max=BODY_MAX,
     )
+
+
+@dataclass(frozen=True)
+class Directive:
+    """One parsed nginx directive: name, arguments (quotes removed) and block (None if none)."""
+
+    name: str
+    args: tuple[str, ...]
+    block: tuple["Directive", ...] | None = None
+
+    def find(self, name: str) -> list["Directive"]:
+        return [d for d in self.block or () if d.name == name]
+
+
+def _nginx_tokens(text: str):
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c in ";{}":
+            yield c, False
+            i += 1
+        elif c in "\"'":
+            j, buf = i + 1, []
+            while j < n and text[j] != c:
+                if text[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(text[j])
+                j += 1
+            if j >= n:
+                raise InvalidInput("nginx config", "unterminated quoted string")
+            yield "".join(buf), True
+            i = j + 1
+        else:
+            j = i
+            while j < n and not text[j].isspace() and text[j] not in ";{}\"'":
+                j += 1
+            yield text[i:j], True
+            i = j
+
+
+def parse_config(text: str) -> tuple[Directive, ...]:
+    """Parse nginx configuration text into a directive tree (for checks and comparisons;
+    ``include`` is not followed). Raises InvalidInput on unbalanced braces or a missing ``;``."""
+    stack: list[list[Directive]] = [[]]
+    pending: list[str] = []
+    names: list[tuple[str, tuple[str, ...]]] = []
+    for tok, is_word in _nginx_tokens(text):
+        if is_word:
+            pending.append(tok)
+        elif tok == ";":
+            if not pending:
+                raise InvalidInput("nginx config", "empty directive (stray ';')")
+            stack[-1].append(Directive(pending[0], tuple(pending[1:])))
+            pending = []
+        elif tok == "{":
+            if not pending:
+                raise InvalidInput("nginx config", "block without a directive name")
+            names.append((pending[0], tuple(pending[1:])))
+            stack.append([])
+            pending = []
+        else:
+            if pending or len(stack) == 1:
+                raise InvalidInput("nginx config", "unexpected '}'" if len(stack) == 1 else "directive without ';' before '}'")
+            body = stack.pop()
+            name, args = names.pop()
+            stack[-1].append(Directive(name, args, tuple(body)))
+    if pending or len(stack) != 1:
+        raise InvalidInput("nginx config", "unexpected end of file (missing ';' or '}')")
+    return tuple(stack[0])
 
 
 def render_all(host: HostBaseline, tenants: Sequence[TenantSpec]) -> dict[str, str]:
