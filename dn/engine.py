@@ -1,0 +1,339 @@
+"""The Pulumi engine adapter: the only module that imports ``pulumi.automation``.
+
+One stack per tenant or host, each a LocalWorkspace over dn's pinned CLI (dn.tooling) with:
+
+- project ``dn``, runtime python, the state backend of the settings (``file://<data_dir>/state`` by
+  default), the passphrase secrets provider (passphrase from settings.secrets, never in argv);
+- a persistent work dir ``<data_dir>/stacks/<stack>``: ``Pulumi.<stack>.yaml`` there holds the stack's
+  config and the salt of its secrets, so it must survive between runs (and be backed up);
+- an inline program run in this process; dynamic providers run in a separate process started by the
+  engine (``pulumi-resource-pulumi-python``), which imports their modules by name.
+
+``up``/``preview``/``refresh``/``destroy`` stream engine events to ``on_event`` while they run and
+return an :class:`Outcome`. Pulumi's failures become dn errors: a held stack lock is
+:class:`~dn.errors.Locked` (exit 5), a missing plugin names the plugin and points at ``dn setup``,
+anything else is :class:`~dn.errors.OperationFailed` carrying the engine's own error lines, with
+every known secret value scrubbed.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+import pulumi.automation as auto
+from pulumi.automation import errors as auto_errors
+from semver import VersionInfo
+
+from dn import tooling
+from dn.errors import DnError, InvalidInput, Locked, OperationFailed, PolicyViolation
+
+if TYPE_CHECKING:
+    from dn.config import Settings
+
+PROJECT = "dn"
+STACK_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+OnEvent = Callable[["auto.EngineEvent"], None]
+
+_PLUGIN_MISSING = [
+    re.compile(r"no resource plugin '(?P<name>[^']+)' found"),
+    re.compile(r"no (?P<kind>resource|analyzer|language) plugin '?(?P<name>[\w.-]+)'? (?:found|could be found)"),
+    re.compile(r"could not find (?:the )?(?:required )?plugin[^\n]*?(?P<name>pulumi-[\w-]+|[\w-]+ v?\d+\.\d+\.\d+)"),
+    re.compile(r"failed to load plugin (?P<name>[^\s:]+)"),
+    re.compile(r"language runtime plugin (?P<name>[\w-]+) not found|could not find language plugin '?(?P<lang>[\w-]+)"),
+]
+
+
+@functools.lru_cache(maxsize=4)
+def pulumi_command(root: str, version: str) -> "auto.PulumiCommand":
+    """The CLI at ``root/bin/pulumi``, checked once (``pulumi version``) and reused by every stack.
+
+    Built with ``PulumiCommand(root=...)``, which never downloads (``PulumiCommand.install`` would).
+    """
+    exe = Path(root) / "bin" / "pulumi"
+    if not exe.exists():
+        raise OperationFailed(f"the Pulumi CLI v{version} is not installed ({exe} is missing)",
+                              hint="run `dn setup`")
+    try:
+        return auto.PulumiCommand(root=root, version=VersionInfo.parse(version))
+    except auto.InvalidVersionError as e:
+        raise OperationFailed(f"{exe}: {e}", hint="run `dn setup --rebuild`") from None
+    except (OSError, subprocess.CalledProcessError) as e:  # `pulumi version` did not run
+        raise OperationFailed(f"{exe} does not run: {e}", hint="run `dn setup --rebuild`") from None
+
+
+@dataclass
+class Outcome:
+    """What an engine operation did: counts per step kind ("create", "update", "same", ...) and the
+    stack outputs after it (secret values masked)."""
+
+    op: str
+    stack: str
+    changes: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: list[str] = field(default_factory=list)
+    stdout: str = ""
+
+    @property
+    def changed(self) -> int:
+        """Steps that change something (everything but "same" and reads)."""
+        return sum(n for k, n in self.changes.items() if k not in ("same", "read", "refresh"))
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def _secret_values(env: Mapping[str, str]) -> list[str]:
+    vals = [v for k, v in env.items() if k in tooling.SECRET_ENV_KEYS and v]
+    pf = env.get("PULUMI_CONFIG_PASSPHRASE_FILE")
+    if pf:
+        try:
+            v = Path(pf).read_text().strip()
+            if v:
+                vals.append(v)
+        except OSError:
+            pass
+    return vals
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) >= 4:
+            text = text.replace(s, "[secret]")
+    return text
+
+
+@dataclass
+class _Result:
+    code: str
+    stdout: str
+    stderr: str
+
+
+def _command_result(e: Exception) -> _Result:
+    """CommandError keeps only ``str(CommandResult)``: " code: N\n stdout: ...\n stderr: ..."."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.match(r"\s*code: (?P<code>-?\d+)\n stdout: (?P<out>.*)\n stderr: (?P<err>.*)\Z", text, re.S)
+    if not m:
+        return _Result("?", "", text)
+    return _Result(m.group("code"), m.group("out"), m.group("err"))
+
+
+def _error_lines(result: _Result, limit: int = 8) -> str:
+    """The engine's own diagnostics: lines that say "error" (stderr first)."""
+    lines = [ln.strip() for ln in f"{result.stderr}\n{result.stdout}".splitlines() if ln.strip()]
+    picked = [ln for ln in lines if re.search(r"\berror\b|panic:|Exception|Error:", ln)]
+    picked = list(dict.fromkeys(picked or lines[-limit:]))[:limit]
+    return "\n".join(picked)[:1500]
+
+
+def policy_violations(stdout: str) -> list[str]:
+    """The mandatory violations of the "Policies:" block of the engine's output, one line each:
+    "<policy> (<type>: <name>): <message>"."""
+    out: list[str] = []
+    block = stdout.split("\nPolicies:", 1)
+    if len(block) < 2:
+        return out
+    lines = block[1].split("\n\n", 1)[0].splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"(\s*)- \[mandatory\]\s+(.*)$", lines[i])
+        if m:
+            indent = len(m.group(1))
+            head = re.sub(r"\s{2,}", " ", m.group(2).strip())
+            msgs = []
+            i += 1
+            while i < len(lines) and len(lines[i]) - len(lines[i].lstrip()) > indent:
+                msgs.append(lines[i].strip())
+                i += 1
+            out.append(f"{head}: {' '.join(msgs[1:] or msgs)}".rstrip(": "))
+            continue
+        i += 1
+    return out
+
+
+def missing_plugin(text: str) -> str | None:
+    """The plugin a Pulumi error says is missing, if it says so."""
+    for rx in _PLUGIN_MISSING:
+        m = rx.search(text)
+        if m:
+            return next((g for g in m.groupdict().values() if g), "a plugin")
+    return None
+
+
+@contextmanager
+def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
+    where = f"stack {stack_name}"
+    secrets = _secret_values(env)
+    try:
+        yield
+    except DnError:
+        raise
+    except auto_errors.ConcurrentUpdateError:
+        raise Locked(
+            f"{op}: another update holds the stack's lock",
+            hint="wait for it to finish; if none is running (a crashed run), `pulumi cancel` with dn's "
+                 "engine environment removes the stale lock",
+            where=where,
+        ) from None
+    except auto_errors.StackNotFoundError:
+        raise InvalidInput("stack", f"no stack named {stack_name!r} in the state backend", where=where) from None
+    except auto_errors.StackAlreadyExistsError:
+        raise InvalidInput("stack", f"a stack named {stack_name!r} already exists", where=where) from None
+    except auto_errors.CommandError as e:
+        result = _command_result(e)
+        plugin = missing_plugin(f"{result.stderr}\n{result.stdout}")
+        if plugin:
+            raise OperationFailed(
+                f"{op}: the Pulumi plugin {plugin} is not installed", where=where,
+                hint="run `dn setup`: it lists what is missing and how to provide it",
+            ) from None
+        violations = policy_violations(result.stdout)
+        if violations:
+            raise PolicyViolation(
+                scrub(f"{op}: mandatory policy violated:\n" + "\n".join(violations), secrets), where=where,
+            ) from None
+        detail = scrub(_error_lines(result), secrets)
+        kind = {
+            auto_errors.InlineSourceRuntimeError: "the stack program raised an exception",
+            auto_errors.RuntimeError: "the stack program failed",
+            auto_errors.CompilationError: "the stack program does not compile",
+        }.get(type(e), f"pulumi {op} failed (exit {result.code})")
+        raise OperationFailed(f"{op}: {kind}:\n{detail}", where=where) from None
+    except FileNotFoundError as e:
+        raise OperationFailed(f"{op}: {e.filename or 'pulumi'} not found", where=where,
+                              hint="run `dn setup`") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# stacks
+
+
+def stack_work_dir(settings: "Settings", name: str) -> Path:
+    return Path(settings.data_dir) / "stacks" / name
+
+
+def stack(
+    settings: "Settings",
+    name: str,
+    program: Callable[[], None],
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    version: str = tooling.PULUMI_VERSION,
+) -> "auto.Stack":
+    """Create or select the stack ``name`` of project ``dn`` running the inline ``program``.
+
+    ``extra_env`` adds to the engine environment (e.g. PYTHONPATH for provider modules outside the
+    installed packages).
+    """
+    if not STACK_NAME_RE.match(name):
+        raise InvalidInput("stack", f"{name!r} must match {STACK_NAME_RE.pattern}")
+    env = dict(environ if environ is not None else os.environ)
+    engine_env = tooling.engine_env(settings, env, version)
+    if extra_env:
+        engine_env.update(extra_env)
+    cmd = pulumi_command(str(tooling.install_root(version, env)), version)
+    work_dir = stack_work_dir(settings, name)
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    Path(engine_env["PULUMI_HOME"]).mkdir(parents=True, exist_ok=True, mode=0o700)
+    backend = settings.backend_url
+    if backend.startswith("file://"):
+        Path(backend[len("file://"):]).mkdir(parents=True, exist_ok=True, mode=0o700)
+    opts = auto.LocalWorkspaceOptions(
+        work_dir=str(work_dir),
+        pulumi_home=engine_env["PULUMI_HOME"],
+        env_vars=engine_env,
+        secrets_provider="passphrase",
+        project_settings=auto.ProjectSettings(
+            name=PROJECT, runtime="python", backend=auto.ProjectBackend(url=backend),
+        ),
+        pulumi_command=cmd,
+    )
+    with _mapped("select", name, engine_env):
+        return auto.create_or_select_stack(name, project_name=PROJECT, program=program, opts=opts)
+
+
+def _env_of(st: "auto.Stack") -> Mapping[str, str]:
+    return st.workspace.env_vars or {}
+
+
+def _changes(summary: Any) -> dict[str, int]:
+    if summary is None:
+        return {}
+    rc = getattr(summary, "resource_changes", None)
+    if rc is None:  # PreviewResult carries the map itself
+        rc = summary
+    return {str(k): int(v) for k, v in (rc or {}).items()}
+
+
+def _outputs(outs: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    values, secret = {}, []
+    for k, ov in (outs or {}).items():
+        if ov.secret:
+            secret.append(k)
+            values[k] = "[secret]"
+        else:
+            values[k] = ov.value
+    return values, sorted(secret)
+
+
+def up(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Outcome:
+    """Apply the program: create, update and delete until the stack matches it."""
+    with _mapped("up", st.name, _env_of(st)):
+        res = st.up(on_event=on_event, color="never", show_secrets=False, **kw)
+    outs, secret = _outputs(res.outputs)
+    return Outcome("up", st.name, _changes(res.summary), outs, secret, res.stdout)
+
+
+def preview(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Outcome:
+    """What ``up`` would do; each step arrives as a resource-pre event with its diff."""
+    with _mapped("preview", st.name, _env_of(st)):
+        res = st.preview(on_event=on_event, color="never", **kw)
+    return Outcome("preview", st.name, _changes(res.change_summary), stdout=res.stdout)
+
+
+def refresh(st: "auto.Stack", on_event: OnEvent | None = None, *, preview_only: bool = False, **kw: Any) -> Outcome:
+    """Read every resource back from where it lives and record what changed behind dn's back.
+
+    ``preview_only`` reports the drift without writing it into the state.
+    """
+    with _mapped("refresh", st.name, _env_of(st)):
+        if preview_only:
+            res = st.preview_refresh(on_event=on_event, color="never", **kw)
+            return Outcome("refresh", st.name, _changes(res.change_summary), stdout=res.stdout)
+        res = st.refresh(on_event=on_event, color="never", show_secrets=False, **kw)
+    return Outcome("refresh", st.name, _changes(res.summary), stdout=res.stdout)
+
+
+def destroy(st: "auto.Stack", on_event: OnEvent | None = None, *, remove: bool = False, **kw: Any) -> Outcome:
+    """Delete every resource of the stack; ``remove`` also deletes the stack and its history."""
+    with _mapped("destroy", st.name, _env_of(st)):
+        res = st.destroy(on_event=on_event, color="never", show_secrets=False, **kw)
+        if remove:
+            st.workspace.remove_stack(st.name)
+    return Outcome("destroy", st.name, _changes(res.summary), stdout=res.stdout)
+
+
+def event_dict(event: Any) -> Any:
+    """An engine event as plain JSON-able data (for renderers and logs; secrets are already masked
+    by the engine as "[secret]")."""
+    if isinstance(event, enum.Enum):
+        return event.value
+    if isinstance(event, datetime):
+        return event.isoformat()
+    if isinstance(event, Mapping):
+        return {str(k): event_dict(v) for k, v in event.items()}
+    if isinstance(event, (list, tuple)):
+        return [event_dict(v) for v in event]
+    if hasattr(event, "__dict__"):
+        return {k: event_dict(v) for k, v in vars(event).items() if v is not None and not k.startswith("_")}
+    return event
