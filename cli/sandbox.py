@@ -1,0 +1,55 @@
+"""dn sandbox: the disposable sandbox EU host on this machine."""
+from __future__ import annotations
+
+import time
+
+import typer
+
+app = typer.Typer(
+    help="The disposable sandbox EU host on this machine: network namespaces dn-eu1 (sshd, dockerd, "
+         "nginx) and dn-eu2 (SFTP backup target), plus the local PostgreSQL cluster. Needs root.",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Create the sandbox, or repair what is missing. Idempotent; quick when already up.
+
+    Writes dn's client key, known_hosts, state passphrase and pgpass to <data_dir>/sandbox/.
+    """
+    from dn import sandbox
+
+    c = ctx.obj
+    started = time.monotonic()
+    parts = sandbox.up(c.settings.data_dir, progress=lambda m: c.err.print(f"[dim]sandbox:[/] {m}"))
+    c.err.print(f"sandbox up ({len(parts)} parts) in {time.monotonic() - started:.1f}s")
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Remove the sandbox: its processes, namespaces, mounts, PostgreSQL cluster and files,
+    including the sandbox/ files of every data dir that used it."""
+    from dn import sandbox
+
+    c = ctx.obj
+    started = time.monotonic()
+    sandbox.down(progress=lambda m: c.err.print(f"[dim]sandbox:[/] {m}"))
+    c.err.print(f"sandbox down in {time.monotonic() - started:.1f}s")
+
+
+@app.command()
+def status(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Report each part (netns, sshd, dockerd, nginx, second region, PostgreSQL, image, client files)
+    as up or down. Exit code 0 when every part is up, 1 otherwise."""
+    from dn import sandbox
+
+    c = ctx.obj
+    parts = sandbox.status(c.settings.data_dir)
+    if json:
+        c.out_json(sandbox.status_json(parts))
+    else:
+        width = max(len(p.name) for p in parts)
+        c.out("\n".join(f"{p.name:<{width}}  {'up  ' if p.up else 'down'}  {p.detail}" for p in parts))
+    if not all(p.up for p in parts):
+        raise typer.Exit(1)
