@@ -37,6 +37,7 @@ ICMP types, ``RELATED,ESTABLISHED``, quoted comments) so what dn renders compare
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -321,9 +322,12 @@ def _env():
     return environment("iptables", ipt)
 
 
+_BRIDGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+
+
 def _check_bridge(name: str) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= 15 or not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
-        raise InvalidInput("bridges", f"{name!r} is not a Linux interface name (1-15 of A-Z a-z 0-9 - _)")
+    if not isinstance(name, str) or not _BRIDGE_RE.fullmatch(name):
+        raise InvalidInput("bridges", f"{name!r} is not a Linux interface name (1-15 of A-Z a-z 0-9 _ . -, not starting with - _ .)")
     return name
 
 
