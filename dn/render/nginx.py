@@ -25,8 +25,9 @@ domain. Suspended and deleting tenants get 503 and no upstream.
 
 Access log: ISO time, the vhost's configured name (``$server_name``), method, path without the
 query string (``$uri``), status, bytes, timings. No client address, query, user agent, referer or
-cookie is written. The error log runs at ``warn``; limit refusals are logged at ``notice`` and so
-are not written (they would carry client addresses).
+cookie is written. The error log runs at ``crit``: nginx logs request-level errors (upstream
+failures, limit refusals) with the client address and request line, so they are kept out; an
+upstream failure still shows in the access log as a 5xx with ``$upstream_status``.
 """
 from __future__ import annotations
 
@@ -117,6 +118,25 @@ def render_vhost(tenant: TenantSpec, host: HostBaseline) -> str:
         preview_path=PREVIEW_PATH,
         body_max=BODY_MAX,
     )
+
+
+def check_argv(host: HostBaseline, nginx: str = "nginx") -> list[str]:
+    """argv that validates the host's whole nginx configuration (``nginx -t``) in place."""
+    p = _paths(host)
+    return [nginx, "-t", "-q", "-p", host.path("/"), "-e", p["error_log"], "-c", host.path(NGINX_CONF)]
+
+
+def control_argv(host: HostBaseline, signal: str | None = None, nginx: str = "nginx") -> list[str]:
+    """argv that starts nginx on the host's configuration, or sends it ``signal`` (reload, quit)."""
+    p = _paths(host)
+    argv = [nginx, "-p", host.path("/"), "-e", p["error_log"], "-c", host.path(NGINX_CONF)]
+    return argv + (["-s", signal] if signal else [])
+
+
+def runtime_dirs(host: HostBaseline) -> list[str]:
+    """Directories nginx needs before it starts (logs, temp files, pid, ACME webroot, vhosts)."""
+    p = _paths(host)
+    return [host.path("/var/log/nginx"), p["temp"], host.path("/run"), p["acme_root"], p["vhosts"], host.path(host.cert_dir)]
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,8 @@ def test_access_log_records_no_personal_data():
         assert var not in line, var
     assert "$uri" in line and "$status" in line and "$server_name" in line
     assert one(http, "access_log").args == ("/srv/dn-sandbox/eu1/var/log/nginx/dn-access.log", "dn_access")
-    # limit refusals log at notice, below the error log's level, so their client addresses stay out
-    assert one(conf, "error_log").args[1] == "warn"
+    # request-level errors carry the client address and request line: the error log is crit-only
+    assert one(conf, "error_log").args[1] == "crit"
     assert one(http, "limit_req_log_level").args == ("notice",)
 
 
