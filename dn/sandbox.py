@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -256,9 +257,17 @@ def _mountpoints() -> list[str]:
     return points
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+# mount(2)/umount2(2) directly: util-linux mount/umount would leave /run/mount/utab behind.
+def _mount(source: str, target: str, fstype: str, options: str) -> bool:
+    return _libc().mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode()) == 0
+
+
 def _umount(path: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    # libc directly: util-linux umount would leave /run/mount/utab behind.
+    libc = _libc()
     if libc.umount2(path.encode(), 0) != 0:
         libc.umount2(path.encode(), 2)  # MNT_DETACH: lazily, once no longer busy
 
@@ -570,11 +579,11 @@ def _storage_driver(state: dict) -> str:
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
-    r = _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["merged"])], check=False)
-    if r.returncode == 0:
+    works = _mount("overlay", str(dirs["merged"]), "overlay", opts)
+    if works:
         _umount(str(dirs["merged"]))
     shutil.rmtree(probe, ignore_errors=True)
-    driver = "overlay2" if r.returncode == 0 else "vfs"
+    driver = "overlay2" if works else "vfs"
     state["storage_driver"] = driver
     return driver
 
@@ -641,6 +650,7 @@ def _ensure_chroot() -> None:
     os.chmod(backups, 0o700)
 
 
+@functools.lru_cache(maxsize=1)
 def _standin() -> tuple[bytes, str]:
     """The stand-in image's root filesystem as a reproducible tar, and its digest."""
     buf = io.BytesIO()

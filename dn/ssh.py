@@ -101,6 +101,16 @@ def parse_public_key(text: str) -> PublicKey:
     inner = blob[4 : 4 + n]
     if len(inner) != n or inner.decode("ascii", "replace") != ktype:
         raise ValueError(f"the key data is not a {ktype} key")
+    # Every public key format is a sequence of length-prefixed fields; they must fill the blob.
+    pos, fields = 4 + n, 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise ValueError("the key data is truncated")
+        (n,) = struct.unpack(">I", blob[pos : pos + 4])
+        pos += 4 + n
+        fields += 1
+    if pos != len(blob) or fields == 0:
+        raise ValueError("the key data is truncated")
     return PublicKey(ktype, blob)
 
 
@@ -324,14 +334,17 @@ def _load_key(path: Path, passphrase: str | None) -> paramiko.PKey:
     if not Path(path).exists():
         raise ConfigError(f"key_path {path}: file not found", hint="point key_path at dn's private key "
                           "(for the sandbox: dn sandbox up)")
-    try:
-        return paramiko.PKey.from_path(Path(path), passphrase)
-    except paramiko.PasswordRequiredException:
-        raise ConfigError(f"key_path {path}: the key is encrypted; supply its passphrase") from None
-    except paramiko.SSHException:
-        raise ConfigError(f"key_path {path}: cannot load the private key (wrong passphrase or unsupported format)") from None
-    except OSError as e:
-        raise ConfigError(f"key_path {path}: cannot read: {e.strerror}") from None
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key_file(str(path), password=passphrase)
+        except paramiko.PasswordRequiredException:
+            raise ConfigError(f"key_path {path}: the key is encrypted; supply its passphrase") from None
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue  # another key type, or the wrong passphrase
+        except OSError as e:
+            raise ConfigError(f"key_path {path}: cannot read: {e.strerror}") from None
+    raise ConfigError(f"key_path {path}: cannot load the private key (wrong passphrase, or not an "
+                      "ed25519, ECDSA or RSA key)")
 
 
 def _open_socket(target: SSHTarget, where: str) -> socket.socket:
