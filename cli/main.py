@@ -24,6 +24,10 @@ from dn.errors import DnError, ExitCode
 NOUNS: list[tuple[str, str, str]] = [
     ("doctor", "cli.doctor", "Check every prerequisite and say how to fix what is missing."),
     ("runbook", "cli.runbook", "Runbooks: incident response, key compromise, passphrase loss."),
+    ("audit", "cli.audit", "The audit log of privileged actions: show, verify, prune."),
+    ("db", "cli.db", "The platform database: schema migrations and status."),
+    ("lock", "cli.lock", "Tenant and host locks: list, break a crashed run's lock."),
+    ("setup", "cli.setup", "Provide the pinned Pulumi CLI and its helpers (once per machine)."),
 ]
 
 
