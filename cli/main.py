@@ -28,6 +28,7 @@ NOUNS: list[tuple[str, str, str]] = [
     ("db", "cli.db", "The platform database: schema migrations and status."),
     ("lock", "cli.lock", "Tenant and host locks: list, break a crashed run's lock."),
     ("setup", "cli.setup", "Provide the pinned Pulumi CLI and its helpers (once per machine)."),
+    ("sandbox", "cli.sandbox", "The disposable sandbox EU host on this machine: up, down, status."),
 ]
 
 
