@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -299,9 +299,10 @@ class KeyStore:
                 continue
         return out
 
-    def destroy(self, owner: str) -> list[str]:
+    def destroy(self, owner: str, also: Iterable[str] = ()) -> list[str]:
         """Destroy every key of ``owner``: overwrite the file, fsync, unlink; leave a tombstone.
 
+        ``also`` adds key ids known from elsewhere (the escrow copy) to the tombstone.
         Returns the destroyed key ids. Idempotent: destroying again returns the ids recorded.
         On copy-on-write or journaled storage an old block may survive the overwrite; it still
         holds only wrapped keys, which the passphrase-derived key protects.
@@ -310,7 +311,7 @@ class KeyStore:
             raise InvalidInput("key owner", "the platform key is never destroyed")
         check_owner(owner)
         self._ensure_dir()
-        ids = self.key_ids(owner)
+        ids = sorted(set(self.key_ids(owner)) | set(also))
         tomb = self._tomb(owner)
         if tomb.exists():
             ids = sorted(set(ids) | set(json.loads(tomb.read_text()).get("key_ids", [])))
