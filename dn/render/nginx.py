@@ -92,14 +92,36 @@ def cert_paths(host: HostBaseline, tenant: TenantSpec) -> tuple[str, str]:
     return base + ".crt", base + ".key"
 
 
+def server_names_hash_sizes(tenants: Sequence[TenantSpec]) -> tuple[int, int]:
+    """(server_names_hash_max_size, server_names_hash_bucket_size) for these tenants.
+
+    A bucket entry takes the name plus a pointer and a length, padded to 8 bytes; nginx needs
+    the longest name to fit one bucket (253 + 10 → 264, so 512 covers any valid hostname).
+    The hash needs at least as many slots as names: 4 × names, a power of two, minimum 1024,
+    leaves nginx room to find a collision-free size quickly.
+    """
+    names = sum(len(t.domains) for t in tenants)
+    longest = max((len(d) for t in tenants for d in t.domains), default=0)
+    bucket = 64
+    while bucket < longest + 10 + 8:
+        bucket *= 2
+    size = 1024
+    while size < 4 * names:
+        size *= 2
+    return size, max(bucket, 128)
+
+
 def render_base(host: HostBaseline, tenants: Sequence[TenantSpec]) -> dict[str, str]:
     """The host's nginx main config, zones file and DH group, keyed by on-host path."""
     check_tenant_set(tenants, host)
     env = _env()
     paths = _paths(host)
     common = {"host": host, "paths": paths, "keepalive": KEEPALIVE_S, "body_max": BODY_MAX}
+    names_max, names_bucket = server_names_hash_sizes(tenants)
     return {
-        host.path(NGINX_CONF): env.get_template("nginx.conf.j2").render(ciphers=MOZILLA_INTERMEDIATE_CIPHERS, **common),
+        host.path(NGINX_CONF): env.get_template("nginx.conf.j2").render(
+            ciphers=MOZILLA_INTERMEDIATE_CIPHERS, names_max=names_max, names_bucket=names_bucket, **common
+        ),
         host.path(ZONES_CONF): env.get_template("zones.conf.j2").render(tenants=list(tenants), **common),
         host.path(DHPARAM): (TEMPLATES / "nginx" / "ffdhe2048.pem").read_text(),
     }

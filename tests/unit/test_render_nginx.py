@@ -308,3 +308,16 @@ def test_filter_accepts_ordinary_tokens():
     for bad in (True, None, "", 1.5):
         with pytest.raises(UnsafeValue):
             ngx(bad)
+
+
+def test_server_names_hash_fits_long_and_many_names():
+    from dn.render.nginx import server_names_hash_sizes
+
+    assert server_names_hash_sizes([]) == (1024, 128)
+    long_name = ".".join(["a" * 61] * 4) + ".de"  # 250 octets
+    assert server_names_hash_sizes([tenant(domains=[long_name])])[1] == 512
+    many = [tenant(f"t{i:04d}", subnet="10.210.0.0/28") for i in range(600)]  # 1200 names
+    assert server_names_hash_sizes(many)[0] == 8192
+    _, conf = base_conf()
+    http = one(conf, "http").block
+    assert one(http, "server_names_hash_bucket_size").args == ("128",)
