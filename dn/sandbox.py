@@ -624,6 +624,11 @@ def _ensure_nginx(say: Progress) -> None:
         say(f"nginx: bootstrap configuration {NGINX_CONF}")
     if _daemon_pid(NGINX_PID, NGINX, EU1.netns):
         return
+    # Workers outlive a master that was killed, and keep its ports.
+    ino = _netns_ino(EU1.netns)
+    for p in sandbox_processes():
+        if _proc_netns(p) == ino and _proc_exe(p) == NGINX:
+            _stop(p, signal.SIGKILL, timeout=5)
     NGINX_PID.unlink(missing_ok=True)
     errlog = str(EU1.p("var/log/nginx/error.log"))
     _run([NGINX, "-t", "-q", "-c", str(NGINX_CONF), "-e", errlog])

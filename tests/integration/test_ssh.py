@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import threading
 import time
