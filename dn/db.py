@@ -170,8 +170,10 @@ def advisory_lock(conn: psycopg.Connection, key: int, timeout: float) -> bool:
     except pgerrors.LockNotAvailable:
         return False
     finally:
-        if not conn.closed:
-            conn.execute("SELECT set_config('lock_timeout', '0', false)")
+        # After Ctrl-C the cancelled session may refuse this; the original error must win.
+        with contextlib.suppress(psycopg.Error):
+            if not conn.closed:
+                conn.execute("SELECT set_config('lock_timeout', '0', false)")
 
 
 def advisory_unlock(conn: psycopg.Connection, key: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dn import db
+from dn import audit, db
 from dn.config import DatabaseConfig
 from dn.errors import ConfigError, ExitCode, InvalidInput, OperationFailed, Unreachable
 
@@ -199,8 +199,6 @@ def test_cli_db_init_is_idempotent_and_audited(dn_cli_env, dn_ctx):
     r = _cli(["db", "init"], dn_cli_env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and "schema up to date (0 migration(s) applied now)" in r.stderr
-    from dn import audit
-
     (e,) = audit.show(dn_ctx)
     assert (e.command, e.outcome, e.exit_code, e.args["applied"]) == ("db init", "ok", 0, [])
 
@@ -220,3 +218,13 @@ def test_cli_db_status_unreachable_is_exit_3(dn_cli_env):
     r = _cli(["db", "status"], env)
     assert r.returncode == ExitCode.UNREACHABLE, r.stderr
     assert "dn@127.0.0.1:1/dn" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_db_init_bootstrap_dsn(dn_cli_env, dn_ctx, pg_cluster, pg_database):
+    r = _cli(["db", "init", "--bootstrap-dsn", pg_cluster.dsn("postgres", pg_database)], dn_cli_env)
+    assert r.returncode == 0, r.stderr
+    (e,) = audit.show(dn_ctx)
+    assert e.args["bootstrap_roles"] is True and e.outcome == "ok"
+    r = _cli(["db", "init", "--bootstrap-dsn", "postgresql://postgres:hunter2@127.0.0.1:54330/dn"], dn_cli_env)
+    assert r.returncode == ExitCode.INVALID
+    assert "--bootstrap-dsn: must not contain a password" in r.stderr and "hunter2" not in r.stderr
