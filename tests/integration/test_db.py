@@ -228,3 +228,30 @@ def test_cli_db_init_bootstrap_dsn(dn_cli_env, dn_ctx, pg_cluster, pg_database):
     r = _cli(["db", "init", "--bootstrap-dsn", "postgresql://postgres:hunter2@127.0.0.1:54330/dn"], dn_cli_env)
     assert r.returncode == ExitCode.INVALID
     assert "--bootstrap-dsn: must not contain a password" in r.stderr and "hunter2" not in r.stderr
+
+
+def test_cli_db_init_on_an_empty_database_applies_everything_then_audits(pg_cluster, dn_cli_env, tmp_path):
+    from psycopg import sql
+
+    name = f"dn_fresh_{os.getpid()}"
+    with db.connect_dsn(pg_cluster.dsn("postgres", "postgres"), pg_cluster.passfile) as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        c.execute(sql.SQL("CREATE DATABASE {} OWNER dn_owner").format(sql.Identifier(name)))
+        c.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO dn").format(sql.Identifier(name)))
+    try:
+        env = dict(dn_cli_env, DN__DATABASE__DSN=pg_cluster.dsn("dn", name),
+                   DN__DATABASE__ADMIN_DSN=pg_cluster.dsn("dn_owner", name))
+        r = _cli(["db", "status"], env)
+        assert r.returncode == ExitCode.POLICY and "3 migration(s) pending" in r.stderr
+        r = _cli(["db", "init"], env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == ["applied 001_platform.sql", "applied 002_audit.sql", "applied 003_locks.sql"]
+        r = _cli(["audit", "show", "--json"], env)
+        (e,) = json.loads(r.stdout)
+        assert (e["seq"], e["command"], e["outcome"]) == (1, "db init", "ok")
+        assert e["args"]["applied"] == ["001_platform.sql", "002_audit.sql", "003_locks.sql"]
+        assert _cli(["db", "status"], env).returncode == 0
+        assert _cli(["audit", "verify"], env).returncode == 0
+    finally:
+        with db.connect_dsn(pg_cluster.dsn("postgres", "postgres"), pg_cluster.passfile) as c:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
