@@ -232,16 +232,26 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
+ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
 def role_setup_sql(owner: str, app_login: str) -> list[sql.Composed]:
-    """The statements a role-creating role runs once (idempotent)."""
+    """The statements a role-creating role runs once. Idempotent, and they write the catalogue
+    only when something is missing (concurrent runs then never collide on the same role)."""
+    for field, name in (("database.admin_dsn", owner), ("database.dsn", app_login)):
+        if not ROLE_NAME_RE.match(name):
+            raise InvalidInput(field, f"role {name!r} must match {ROLE_NAME_RE.pattern} for dn to set up its grants")
     stmts = []
     for role in (AUDIT_OWNER, APP_ROLE):
         stmts.append(sql.SQL(
-            "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN "
-            "CREATE ROLE {ident} NOLOGIN; END IF; END$$").format(lit=sql.Literal(role), ident=sql.Identifier(role)))
-        stmts.append(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
-    stmts.append(sql.SQL("GRANT {} TO {}").format(sql.Identifier(AUDIT_OWNER), sql.Identifier(owner)))
-    stmts.append(sql.SQL("GRANT {} TO {}").format(sql.Identifier(APP_ROLE), sql.Identifier(app_login)))
+            "DO $$BEGIN"
+            " IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN CREATE ROLE {ident} NOLOGIN;"
+            " ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = {lit}) THEN ALTER ROLE {ident} NOLOGIN;"
+            " END IF; END$$").format(lit=sql.Literal(role), ident=sql.Identifier(role)))
+    for group, member in ((AUDIT_OWNER, owner), (APP_ROLE, app_login)):
+        stmts.append(sql.SQL(
+            "DO $$BEGIN IF NOT pg_has_role({m}, {g}, 'MEMBER') THEN GRANT {gi} TO {mi}; END IF; END$$").format(
+            m=sql.Literal(member), g=sql.Literal(group), gi=sql.Identifier(group), mi=sql.Identifier(member)))
     return stmts
 
 

@@ -14,7 +14,6 @@ import psycopg
 import pytest
 
 from dn import audit, db
-from dn.config import DatabaseConfig
 from dn.errors import ConfigError, ExitCode, InvalidInput, OperationFailed, Unreachable
 
 pytestmark = pytest.mark.postgres
@@ -255,3 +254,21 @@ def test_cli_db_init_on_an_empty_database_applies_everything_then_audits(pg_clus
     finally:
         with db.connect_dsn(pg_cluster.dsn("postgres", "postgres"), pg_cluster.passfile) as c:
             c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_bootstrap_grants_a_new_login_role_the_app_grants(pg_cluster, pg_database, pg_super, dn_settings):
+    pg_super.execute("DROP ROLE IF EXISTS dn_probe")
+    pg_super.execute("CREATE ROLE dn_probe LOGIN")
+    try:
+        assert not pg_super.execute("SELECT pg_has_role('dn_probe', 'dn_app', 'MEMBER')").fetchone()[0]
+        db.bootstrap_roles(pg_cluster.dsn("postgres", pg_database), pg_cluster.passfile, owner="dn_owner",
+                           app_login="dn_probe")
+        assert pg_super.execute("SELECT pg_has_role('dn_probe', 'dn_app', 'MEMBER')").fetchone()[0]
+        assert pg_super.execute("SELECT has_table_privilege('dn_probe', 'audit_log', 'INSERT'),"
+                                " has_table_privilege('dn_probe', 'audit_log', 'UPDATE')").fetchone() == (True, False)
+        db.bootstrap_roles(pg_cluster.dsn("postgres", pg_database), pg_cluster.passfile, owner="dn_owner",
+                           app_login="dn_probe")  # idempotent
+    finally:
+        pg_super.execute("DROP ROLE dn_probe")
+    with pytest.raises(InvalidInput, match="database.dsn: role 'Robert\"; DROP' must match"):
+        db.role_setup_sql("dn_owner", 'Robert"; DROP')
