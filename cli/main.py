@@ -29,6 +29,8 @@ NOUNS: list[tuple[str, str, str]] = [
     ("lock", "cli.lock", "Tenant and host locks: list, break a crashed run's lock."),
     ("setup", "cli.setup", "Provide the pinned Pulumi CLI and its helpers (once per machine)."),
     ("sandbox", "cli.sandbox", "The disposable sandbox EU host on this machine: up, down, status."),
+    ("backup", "cli.backup", "Encrypted backups in the second EU region: run, list, prune, shred."),
+    ("dr", "cli.dr", "Disaster recovery: restore drills measuring RPO/RTO, status, restore."),
 ]
 
 
