@@ -1,0 +1,161 @@
+"""dn verify's core: the claims, the result model, the runner, the evidence history, the renderers.
+
+Pure apart from the evidence files: checks themselves live in sibling modules and receive a
+Probe (the adapters they may use). Each check maps to one technical claim of the trust page and
+returns PASS, FAIL or UNKNOWN (could not look: the reason is the evidence) with trimmed evidence:
+the facts read, never a secret, never personal data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dn.errors import DnError, ExitCode, InvalidInput
+
+EVIDENCE_LIMIT = 40  # lines of evidence kept per check
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass
+class Result:
+    id: str
+    claim: str
+    method: str
+    status: Status
+    evidence: list[str] = field(default_factory=list)
+    reason: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One technical claim of the trust page and how dn checks it."""
+
+    id: str
+    claim: str  # the trust page's words
+    method: str  # how the check establishes it
+    fn: Callable[[Any], tuple[Status, list[str]]]  # (probe) -> (status, evidence)
+
+
+class Unknown(Exception):
+    """Raised by a check that could not look (the message is the reason, without secrets)."""
+
+
+def trim(lines: Iterable[str], limit: int = EVIDENCE_LIMIT) -> list[str]:
+    out = [str(x)[:300] for x in lines]
+    if len(out) > limit:
+        out = out[:limit] + [f"... {len(out) - limit} more lines"]
+    return out
+
+
+def run_checks(claims: list[Claim], probe: Any, only: str | None = None) -> list[Result]:
+    if only is not None and only not in {c.id for c in claims}:
+        raise InvalidInput("--check", f"no check {only!r}; known: {', '.join(c.id for c in claims)}")
+    results = []
+    for c in claims:
+        if only is not None and c.id != only:
+            continue
+        t = time.monotonic()
+        try:
+            status, evidence = c.fn(probe)
+            r = Result(c.id, c.claim, c.method, status, trim(evidence))
+        except Unknown as e:
+            r = Result(c.id, c.claim, c.method, Status.UNKNOWN, [], reason=str(e)[:300])
+        except DnError as e:
+            r = Result(c.id, c.claim, c.method, Status.UNKNOWN, [], reason=str(e)[:300])
+        r.seconds = round(time.monotonic() - t, 3)
+        results.append(r)
+    return results
+
+
+def exit_code(results: list[Result]) -> int:
+    """0 when every check passed, 4 when any failed, 1 when none failed but some could not look."""
+    if any(r.status is Status.FAIL for r in results):
+        return int(ExitCode.POLICY)
+    if any(r.status is Status.UNKNOWN for r in results):
+        return int(ExitCode.FAILED)
+    return int(ExitCode.OK)
+
+
+# -- evidence history -------------------------------------------------------------------------
+
+def evidence_dir(data_dir: Path) -> Path:
+    p = data_dir / "evidence"
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return p
+
+
+def record(data_dir: Path, host: str, results: list[Result], now: datetime | None = None) -> Path:
+    """Keep this run's evidence (one JSON file per run; written atomically)."""
+    now = now or datetime.now(timezone.utc)
+    doc = {"time": now.isoformat(), "host": host, "results": [r.to_dict() for r in results]}
+    d = evidence_dir(data_dir)
+    path = d / f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{host}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def history(data_dir: Path) -> list[dict]:
+    runs = []
+    for p in sorted(evidence_dir(data_dir).glob("*.json")):
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return runs
+
+
+def last_passed(runs: list[dict]) -> dict[str, dict]:
+    """Per check id: when it last ran, its last status, and when it last passed."""
+    out: dict[str, dict] = {}
+    for run in runs:
+        for r in run["results"]:
+            e = out.setdefault(r["id"], {"id": r["id"], "claim": r["claim"], "last_run": None,
+                                         "last_status": None, "last_pass": None, "host": run["host"]})
+            e["last_run"], e["last_status"], e["host"] = run["time"], r["status"], run["host"]
+            if r["status"] == Status.PASS.value:
+                e["last_pass"] = run["time"]
+    return out
+
+
+# -- renderers ----------------------------------------------------------------------------------
+
+def to_json(results: list[Result], host: str) -> dict:
+    return {"host": host, "ok": exit_code(results) == 0,
+            "counts": {s.value: sum(r.status is s for r in results) for s in Status},
+            "results": [r.to_dict() for r in results]}
+
+
+def to_markdown(results: list[Result], host: str, when: datetime | None = None) -> str:
+    when = when or datetime.now(timezone.utc)
+    icon = {Status.PASS: "PASS", Status.FAIL: "**FAIL**", Status.UNKNOWN: "UNKNOWN"}
+    lines = [f"# dn verify — {host}, {when.strftime('%Y-%m-%d %H:%M UTC')}", "",
+             "| check | claim | result |", "|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{r.id}` | {r.claim} | {icon[r.status]} |")
+    lines.append("")
+    for r in results:
+        lines += [f"## {r.id}: {r.status.value}", "", f"*Claim:* {r.claim}  ", f"*Method:* {r.method}", ""]
+        if r.reason:
+            lines += [f"*Reason:* {r.reason}", ""]
+        if r.evidence:
+            lines += ["```", *r.evidence, "```", ""]
+    return "\n".join(lines)
