@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -104,11 +104,18 @@ class SavedTable:
         return sum(1 for r in self.chain(chain) if r == rule)
 
 
+# iptables-save quotes an argument with double quotes and escapes '"' and '\\' inside it.
+_TOKEN_RE = re.compile(r'"((?:[^"\\]|\\.)*)"(?=\s|$)|([^\s"]+)|(\S)')
+_UNESCAPE_RE = re.compile(r"\\(.)")
+
+
 def _tokens(line: str, lineno: int) -> list[str]:
-    try:
-        return shlex.split(line, comments=False, posix=True)
-    except ValueError as e:
-        raise InvalidInput("iptables-save", f"line {lineno}: cannot be split into arguments ({e})") from None
+    out = []
+    for quoted, plain, stray in _TOKEN_RE.findall(line):
+        if stray:
+            raise InvalidInput("iptables-save", f"line {lineno}: cannot be split into arguments (unbalanced quote)")
+        out.append(_UNESCAPE_RE.sub(r"\1", quoted) if quoted or not plain else plain)
+    return out
 
 
 def parse_save(text: str) -> dict[str, SavedTable]:
@@ -345,16 +352,28 @@ def render_tenant_rules(
     tenants share a bridge name, which is refused. ``host_services``: ``tcp/PORT`` or
     ``udp/PORT`` host services the containers may reach (``HostBaseline.tenant_host_services``).
     """
-    bridges = [_check_bridge(b) for b in all_tenant_bridges]
-    if bridges.count(tenant.bridge) > 1:
-        raise InvalidInput("bridges", f"bridge {tenant.bridge} of {tenant.slug!r} is used by another tenant too", where=tenant.slug)
-    others = sorted({b for b in bridges if not b.startswith(BRIDGE_PREFIX)})
-    services = []
+    counts, others = _bridge_index(all_tenant_bridges)
+    return _tenant_ruleset(tenant, counts, others, _services(host_services))
+
+
+def _bridge_index(all_bridges: Sequence[str]) -> tuple[Counter[str], list[str]]:
+    counts = Counter(_check_bridge(b) for b in all_bridges)
+    return counts, sorted(b for b in counts if not b.startswith(BRIDGE_PREFIX))
+
+
+def _services(host_services: Sequence[str]) -> list[tuple[str, int]]:
+    out = []
     for s in host_services:
         proto, _, port = s.partition("/")
         if proto not in ("tcp", "udp") or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidInput("tenant_host_services", f"{s!r} must be 'tcp/PORT' or 'udp/PORT'")
-        services.append((proto, int(port)))
+        out.append((proto, int(port)))
+    return out
+
+
+def _tenant_ruleset(tenant: TenantSpec, counts: Counter[str], others: list[str], services: list[tuple[str, int]]) -> Ruleset:
+    if counts[tenant.bridge] > 1:
+        raise InvalidInput("bridges", f"bridge {tenant.bridge} of {tenant.slug!r} is used by another tenant too", where=tenant.slug)
     text = _env().get_template("tenant.rules.j2").render(
         t=tenant, bridge_prefix=BRIDGE_PREFIX, other_bridges=others, blocked=BLOCKED_EGRESS_V4, services=services
     )
@@ -410,8 +429,9 @@ def _canonical_cidr(cidr: str) -> str:
 
 def render_tenants(tenants: Sequence[TenantSpec], host: HostBaseline) -> list[Ruleset]:
     """Every tenant's ruleset for one host."""
-    bridges = [t.bridge for t in tenants]
-    return [render_tenant_rules(t, bridges, host_services=host.tenant_host_services) for t in tenants]
+    counts, others = _bridge_index([t.bridge for t in tenants])
+    services = _services(host.tenant_host_services)
+    return [_tenant_ruleset(t, counts, others, services) for t in tenants]
 
 
 def combined_restore_text(rulesets: Sequence[Ruleset], current: Mapping[str, SavedTable]) -> str:
