@@ -33,6 +33,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import ipaddress
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,7 +42,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import idna
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
 from dn.config import PlanConfig
 from dn.errors import InvalidInput
@@ -802,6 +803,6 @@ def check_tenant_set(tenants: Sequence[TenantSpec], host: HostBaseline) -> None:
         nets.append((net, t.slug))
     # CIDR blocks either nest or are disjoint, so after sorting any overlap shows between neighbours.
     nets.sort(key=lambda n: (n[0].network_address, n[0].prefixlen))
-    for (a, sa), (b, sb) in zip(nets, nets[1:]):
+    for (a, sa), (b, sb) in itertools.pairwise(nets):
         if a.overlaps(b):
             raise InvalidInput("subnet", f"{b} of {sb!r} overlaps {a} of {sa!r}", where=sb)

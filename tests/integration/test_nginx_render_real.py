@@ -221,7 +221,7 @@ def test_live_nginx_serves_rendered_tenants(tmp_path):
                     upstreams.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", UPSTREAM, addr, f"{t.slug}-{who}"]))
             in_ns(ns, control_argv(host))
             deadline = time.monotonic() + 10
-            while curl(ns, "--resolve", f"alpha.example:443:127.0.0.1", "https://alpha.example/healthz")[0] != 200:
+            while curl(ns, "--resolve", "alpha.example:443:127.0.0.1", "https://alpha.example/healthz")[0] != 200:
                 assert time.monotonic() < deadline, "nginx or the stub upstream did not come up"
                 time.sleep(0.2)
 

@@ -270,7 +270,7 @@ def test_container_config_never_shown():
     # Nor in the error when another field is wrong, nor when the secret itself is wrong.
     with pytest.raises(InvalidInput) as ei:
         tenant(slug="Bad Slug")
-    assert SECRET not in str(ei.value) and SECRET not in repr(getattr(ei.value, "errors"))
+    assert SECRET not in str(ei.value) and SECRET not in repr(ei.value.errors)
     bad = "TOPSECRET-" + SECRET + ";"
     with pytest.raises(InvalidInput) as ei:
         tenant(container_config=bad)
@@ -485,3 +485,16 @@ def test_host_baseline_from_embedded_default_settings(tmp_path: Path):
     h = HostBaseline.from_settings(settings)
     assert h.name == "sandbox-eu1" and h.admin_sources == ("10.231.1.1/32",)
     assert h.prefix == "/srv/dn-sandbox/eu1" and h.cert_dir == "/etc/dn/tls"
+
+
+def test_core_modules_import_no_adapters():
+    """dn.models and dn.render.* are the pure core: no CLI, console, SSH, database or Pulumi."""
+    code = (
+        "import sys, dn.models, dn.render, dn.render.nginx, dn.render.iptables, dn.render.systemd\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'typer', 'rich', 'paramiko', 'psycopg', 'pulumi'})\n"
+        "print(','.join(bad))\n"
+    )
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""
