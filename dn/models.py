@@ -17,8 +17,9 @@ bridge              ``"dnt" + sha256(slug)[:12]`` — 15 characters, the kernel'
 docker network      ``dn-t-<slug>``
 containers          ``dn-<slug>-tagging``, ``dn-<slug>-preview``
 nginx zones         ``dn_<slug>_<kind>_<h>``: ``h`` = sha256(kind|key|size|rate)[:8], so changing a
-                    zone's key, size or rate gives a new name (nginx refuses a reload that rebinds
-                    an existing zone to another key or size).
+                    zone's key, size or rate gives a new name (nginx refuses a reload that binds
+                    an existing zone name to another key). The per-tenant zone's key is the
+                    constant ``dn-tenant-<slug>``.
 iptables chains     ``DN-T-<H>`` (forward), ``DN-TI-<H>`` (input); ``H`` = sha256(slug)[:12]
                     upper-cased: 17/18 characters (iptables allows 28).
 systemd units       ``dn-backup-<slug>.service`` / ``.timer``
