@@ -713,7 +713,12 @@ def _ensure_pg(files: ClientFiles, data_dirs: list[str], say: Progress) -> None:
                 _write_if_changed(files.pgpass, other.read_bytes(), 0o600)
                 break
     fresh = not (PG_ROOT / "data" / "PG_VERSION").exists()
-    Cluster(PG_ROOT, SANDBOX_PG_PORT, files.pgpass).ensure()
+    pg = Cluster(PG_ROOT, SANDBOX_PG_PORT, files.pgpass).ensure()
+    # What a DBA does once on a real database: the NOLOGIN roles dn's grants name (dn db init
+    # runs as the owner, which may not create roles).
+    from dn import db
+
+    db.bootstrap_roles(pg.dsn("postgres", "dn"), files.pgpass, owner="dn_owner", app_login="dn")
     content = files.pgpass.read_bytes()
     for other in others:  # every registered data dir keeps working passwords
         if other.parent.exists():

@@ -75,16 +75,19 @@ def test_help_does_not_import_heavy_modules(noun):
 
 def _command_paths():
     import typer
+    from typer.core import TyperGroup
 
     root = typer.main.get_command(app)
     paths = set()
 
-    def walk(cmd, prefix):
+    def walk(cmd, prefix, ctx):
         paths.add(prefix)
-        for name, sub in getattr(cmd, "commands", {}).items():
-            walk(sub, prefix + (name,))
+        if isinstance(cmd, TyperGroup):
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), prefix + (name,), ctx)
 
-    walk(root, ())
+    with typer.Context(root) as ctx:
+        walk(root, (), ctx)
     return paths
 
 
