@@ -434,7 +434,10 @@ class TenantSpec(BaseModel):
     plan: str = Field("standard", pattern=r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")
     limits: PlanConfig = Field(description="the plan's resolved limits")
     image: str
-    container_config: SecretStr
+    container_config: SecretStr | None = Field(
+        None, validate_default=True,
+        description="the GTM container config (secret); required, except in a host view (parse_tenant(host_view=True))",
+    )
     preview: bool = Field(True, description="run the sGTM preview server")
     backup_schedule: str = "*-*-* 02:30:00"
     status: TenantStatus = TenantStatus.active
@@ -474,7 +477,13 @@ class TenantSpec(BaseModel):
 
     @field_validator("container_config", mode="before")
     @classmethod
-    def _container_config(cls, v: Any) -> Any:
+    def _container_config(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            # The host resources (vhost, firewall, volume, timers) never need the secret: their
+            # view of a tenant leaves it out rather than carrying it to every host resource.
+            if (info.context or {}).get("host_view"):
+                return None
+            raise ValueError("is required")
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
         # Messages here never include the value: it is a secret.
         if not isinstance(raw, str):
@@ -743,11 +752,13 @@ def parse_tenant(
     *,
     plans: Mapping[str, PlanConfig] | None = None,
     allowed_registries: Sequence[str] | None = None,
+    host_view: bool = False,
 ) -> TenantSpec:
     """Validate raw tenant input into a TenantSpec, or raise InvalidInput naming field and rule.
 
     With ``plans``, ``limits`` is resolved from ``plan`` (an explicit ``limits`` is refused);
-    with ``allowed_registries`` the image's registry is checked too.
+    with ``allowed_registries`` the image's registry is checked too. ``host_view``: the tenant as
+    the host resources see it, without the secret ``container_config`` (``host_view_data``).
     """
     data = dict(data)
     if plans is not None:
@@ -758,12 +769,18 @@ def parse_tenant(
             raise InvalidInput("plan", f"unknown plan {_show(plan)}; configured: {', '.join(sorted(plans))}")
         data["limits"] = plans[plan]
     try:
-        spec = TenantSpec.model_validate(data)
+        spec = TenantSpec.model_validate(data, context={"host_view": host_view})
     except ValidationError as e:
         raise invalid_from(e) from None
     if allowed_registries is not None:
         check_image_allowed(spec.image, allowed_registries)
     return spec
+
+
+def host_view_data(spec: TenantSpec) -> dict[str, Any]:
+    """The tenant as plain JSON data without the secret ``container_config`` (``limits``
+    resolved): what the host resources carry; ``parse_tenant(data, host_view=True)`` reads it."""
+    return spec.model_dump(mode="json", exclude={"container_config"})
 
 
 def tenant_from_settings(data: Mapping[str, Any], settings: "Settings") -> TenantSpec:

@@ -4,15 +4,19 @@ Files (on-host paths, under the host prefix):
 
 - ``/etc/nginx/nginx.conf``: main config: TLS 1.2/1.3 with the Mozilla intermediate ciphers,
   default servers (444 on 80, ``ssl_reject_handshake`` on 443 for unknown SNI), 429 for rate
-  limits, the privacy-preserving access log, and includes of the zones file and vhost dir.
-- ``/etc/nginx/dn/zones.conf``: every tenant's ``limit_req_zone`` / ``limit_conn_zone``.
+  limits, the privacy-preserving access log, and the include of the vhost dir. It does not depend
+  on the tenant list (fixed server-name hash sizes, see ``NAMES_HASH_BUCKET``), so the host
+  baseline never has to change when a tenant comes or goes.
 - ``/etc/nginx/dn/ffdhe2048.pem``: the RFC 7919 ffdhe2048 group for the DHE ciphers.
-- ``/etc/nginx/dn/vhosts/<slug>.conf``: one tenant (``render_vhost``).
+- ``/etc/nginx/dn/vhosts/<slug>.conf``: one tenant (``render_vhost``), self-contained at http
+  level: its own ``limit_req_zone`` / ``limit_conn_zone`` definitions and its servers. Each tenant
+  is one Pulumi stack, and applying it writes this one file and nothing shared.
 
 Rate limits per tenant: per client address (``$binary_remote_addr``) and for the tenant as a
 whole, keyed on a fixed per-tenant constant (never ``$host``, which clients choose), plus a
 per-address connection limit; bursts are served without delay (``nodelay``) up to the plan's
-burst. Zone sizes follow ``dn.models.zone_sizes``: per-IP request zone = rate_per_tenant × 60
+burst (a burst of 0 means no queue at all: nginx refuses ``burst=0``, the plain form is that
+limit). Zone sizes follow ``dn.models.zone_sizes``: per-IP request zone = rate_per_tenant × 60
 states, per-IP connection zone = rate_per_tenant × 15 states, 128 bytes a state, rounded up to
 64 KiB (minimum 64 KiB); the per-tenant zone holds one state (64 KiB). Zone names carry a hash
 of key, size and rate, so a plan change yields a new zone instead of a refused reload.
@@ -59,7 +63,6 @@ BODY_MAX = "1m"  # sGTM hits are small; a bound protects the containers
 
 
 NGINX_CONF = "/etc/nginx/nginx.conf"
-ZONES_CONF = "/etc/nginx/dn/zones.conf"
 DHPARAM = "/etc/nginx/dn/ffdhe2048.pem"
 VHOST_DIR = "/etc/nginx/dn/vhosts"
 
@@ -75,7 +78,6 @@ def _paths(host: HostBaseline) -> dict[str, str]:
         "access_log": host.path("/var/log/nginx/dn-access.log"),
         "temp": host.path("/var/lib/nginx"),
         "dhparam": host.path(DHPARAM),
-        "zones": host.path(ZONES_CONF),
         "vhosts": host.path(VHOST_DIR),
         "acme_root": host.path(host.acme_root),
     }
@@ -93,7 +95,8 @@ def cert_paths(host: HostBaseline, tenant: TenantSpec) -> tuple[str, str]:
 
 
 def server_names_hash_sizes(tenants: Sequence[TenantSpec]) -> tuple[int, int]:
-    """(server_names_hash_max_size, server_names_hash_bucket_size) for these tenants.
+    """The smallest (server_names_hash_max_size, server_names_hash_bucket_size) these tenants
+    need; ``render_base`` checks that the fixed ``NAMES_HASH_*`` cover them.
 
     A bucket entry takes the name plus a pointer and a length, padded to 8 bytes; nginx needs
     the longest name to fit one bucket (253 + 10 → 264, so 512 covers any valid hostname).
@@ -111,24 +114,39 @@ def server_names_hash_sizes(tenants: Sequence[TenantSpec]) -> tuple[int, int]:
     return size, max(bucket, 128)
 
 
-def render_base(host: HostBaseline, tenants: Sequence[TenantSpec]) -> dict[str, str]:
-    """The host's nginx main config, zones file and DH group, keyed by on-host path."""
+# Fixed server-name hash sizes, so the main config is the same whatever the tenants: a bucket
+# of 512 bytes holds the longest valid name (253 + 10 bytes of pointer and length, padded) and a
+# maximum of 131072 slots lets nginx find a collision-free size for 100,000 names (2,000 tenants
+# of 50 domains). nginx only allocates the size it settles on, not the maximum.
+NAMES_HASH_BUCKET = 512
+NAMES_HASH_MAX = 131072
+
+
+def render_base(host: HostBaseline, tenants: Sequence[TenantSpec] = ()) -> dict[str, str]:
+    """The host's nginx main config and DH group, keyed by on-host path.
+
+    ``tenants``, when given, are only checked as a set (``check_tenant_set``: unique domains,
+    bridges, subnets); nothing of them is rendered here: each tenant's file is ``render_vhost``.
+    """
     check_tenant_set(tenants, host)
+    need_max, need_bucket = server_names_hash_sizes(tenants)
+    if need_max > NAMES_HASH_MAX or need_bucket > NAMES_HASH_BUCKET:
+        raise InvalidInput("domains", f"{sum(len(t.domains) for t in tenants)} server names exceed what one host's "
+                           f"nginx is sized for ({NAMES_HASH_MAX // 4}); spread the tenants over more hosts")
     env = _env()
     paths = _paths(host)
     common = {"host": host, "paths": paths, "keepalive": KEEPALIVE_S, "body_max": BODY_MAX}
-    names_max, names_bucket = server_names_hash_sizes(tenants)
     return {
         host.path(NGINX_CONF): env.get_template("nginx.conf.j2").render(
-            ciphers=MOZILLA_INTERMEDIATE_CIPHERS, names_max=names_max, names_bucket=names_bucket, **common
+            ciphers=MOZILLA_INTERMEDIATE_CIPHERS, names_max=NAMES_HASH_MAX, names_bucket=NAMES_HASH_BUCKET, **common
         ),
-        host.path(ZONES_CONF): env.get_template("zones.conf.j2").render(tenants=list(tenants), **common),
         host.path(DHPARAM): (TEMPLATES / "nginx" / "ffdhe2048.pem").read_text(),
     }
 
 
 def render_vhost(tenant: TenantSpec, host: HostBaseline) -> str:
-    """The vhost file of one tenant (write it to ``vhost_path``)."""
+    """The vhost file of one tenant (write it to ``vhost_path``): its rate-limit zones and its
+    servers, included inside ``http {}`` by the main config."""
     cert, key = cert_paths(host, tenant)
     paths = dict(_paths(host), cert=cert, key=key)
     return _env().get_template("vhost.conf.j2").render(
