@@ -11,7 +11,6 @@ from dn.backup import crypto, keys, run
 from dn.backup.manifest import Manifest
 from dn.errors import InvalidInput, Unreachable
 
-pytest_plugins = ("tests.fixtures.postgres", "tests.fixtures.sandbox")
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]
 
 PASSPHRASE = "correct horse battery staple for tests"
@@ -21,32 +20,34 @@ PASSPHRASE = "correct horse battery staple for tests"
 # invoices and deletion requests. ``scale`` multiplies the per-tenant row counts.
 GENERATE_SQL = """
 INSERT INTO tenants (slug, display_name, plan, host, status, created_at)
-SELECT 'shop-' || lpad(g::text, 4, '0'), 'Shop ' || g || ' s.r.o.', CASE WHEN g % 5 = 0 THEN 'pro' ELSE 'standard' END,
+SELECT 'shop-' || lpad((g + %(after)s)::text, 4, '0'), 'Shop ' || g || ' s.r.o.', CASE WHEN g % 5 = 0 THEN 'pro' ELSE 'standard' END,
        'sandbox-eu1', 'active', now() - (g || ' days')::interval
 FROM generate_series(1, %(tenants)s) g;
+
+CREATE TEMP TABLE new_tenants ON COMMIT DROP AS SELECT * FROM tenants WHERE id > %(last_id)s;
 
 INSERT INTO users (tenant_id, email, name, password_hash, role, totp_secret_ciphertext, created_at)
 SELECT t.id, 'user' || u || '@shop' || t.id || '.example', 'User ' || u,
        'pbkdf2_sha256$600000$' || md5(t.id || '-' || u) || '$' || encode(sha256((t.id || ':' || u)::bytea), 'base64'),
        (ARRAY['owner', 'admin', 'member', 'viewer'])[1 + u % 4],
        CASE WHEN u % 3 = 0 THEN 'gAAAAA' || md5(u::text) END, now() - (u || ' hours')::interval
-FROM tenants t, generate_series(1, 4) u;
+FROM new_tenants t, generate_series(1, 4) u;
 
 INSERT INTO api_keys (tenant_id, key_id, key_ciphertext, fernet_key_id, label, created_at)
 SELECT t.id, 'k_' || substr(md5(t.id || 'k' || k), 1, 20), 'gAAAAA' || md5(t.id || 'secret' || k), 'fk1',
        'key ' || k, now()
-FROM tenants t, generate_series(1, 2) k;
+FROM new_tenants t, generate_series(1, 2) k;
 
 INSERT INTO tenant_containers (tenant_id, container_config_ciphertext, fernet_key_id, replicas)
-SELECT id, 'gAAAAA' || md5('cfg' || id), 'fk1', 1 + id % 3 FROM tenants;
+SELECT id, 'gAAAAA' || md5('cfg' || id), 'fk1', 1 + id % 3 FROM new_tenants;
 
 INSERT INTO tenant_settings (tenant_id, key, value)
-SELECT id, 'tracking.consent_mode', jsonb_build_object('enabled', id % 2 = 0) FROM tenants;
+SELECT id, 'tracking.consent_mode', jsonb_build_object('enabled', id % 2 = 0) FROM new_tenants;
 
 INSERT INTO gtm_workspaces (tenant_id, version, workspace)
 SELECT id, 1, jsonb_build_object('containerId', 'GTM-' || upper(substr(md5(id::text), 1, 7)),
        'tags', jsonb_build_array(jsonb_build_object('name', 'GA4', 'type', 'gaawc')))
-FROM tenants;
+FROM new_tenants;
 
 INSERT INTO events (tenant_id, occurred_at, event_name, client_ip, user_agent, cookie_id, payload)
 SELECT t.id, now() - (e || ' minutes')::interval,
@@ -56,33 +57,34 @@ SELECT t.id, now() - (e || ' minutes')::interval,
        md5(t.id || 'cookie' || (e % 97)),
        jsonb_build_object('value', round((e % 500)::numeric * 1.37, 2), 'currency', 'CZK',
                           'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || (e % 50), 'qty', 1 + e % 3)))
-FROM tenants t, generate_series(1, %(events)s) e;
+FROM new_tenants t, generate_series(1, %(events)s) e;
 
 INSERT INTO hourly_stats (tenant_id, hour, requests, errors, rate_limited, bytes_in, bytes_out, p95_ms)
 SELECT t.id, date_trunc('hour', now()) - (h || ' hours')::interval, 1000 + h % 77, h % 5, h % 3,
        200000 + h, 900000 + h, 40 + h % 60
-FROM tenants t, generate_series(1, %(hours)s) h;
+FROM new_tenants t, generate_series(1, %(hours)s) h;
 
 INSERT INTO invoices (tenant_id, number, issued_at, due_at, paid_at, amount, vat_amount, currency, billing_name,
                       billing_address, billing_vat_id)
 SELECT t.id, 'DN-' || t.id || '-' || i, current_date - i * 30, current_date - i * 30 + 14,
        CASE WHEN i > 1 THEN current_date - i * 30 + 7 END, 990 + i, round((990 + i) * 0.21, 2), 'CZK',
        'Shop ' || t.id || ' s.r.o.', 'Ulice ' || t.id || ', Praha', 'CZ' || (10000000 + t.id)
-FROM tenants t, generate_series(1, %(invoices)s) i;
+FROM new_tenants t, generate_series(1, %(invoices)s) i;
 
 INSERT INTO deletion_requests (tenant_id, received_at, due_at, status)
-SELECT id, now() - interval '2 days', now() + interval '28 days', 'pending' FROM tenants WHERE id % 4 = 0;
+SELECT id, now() - interval '2 days', now() + interval '28 days', 'pending' FROM new_tenants WHERE id % 4 = 0;
 """
 
 
 def generate(conn, *, tenants: int = 6, events: int = 300, hours: int = 48, invoices: int = 3) -> None:
-    """Fill the platform tables with realistic rows (``conn``: the owner or a superuser)."""
-    params = {"tenants": tenants, "events": events, "hours": hours, "invoices": invoices}
-    for stmt in GENERATE_SQL.split(";\n\n"):
-        if "%(" in stmt:
+    """Add ``tenants`` tenants with realistic rows (``conn``: the owner or a superuser, autocommit);
+    called again, it adds more tenants after the existing ones."""
+    after, last_id = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM tenants").fetchone()
+    params = {"tenants": tenants, "events": events, "hours": hours, "invoices": invoices, "after": after,
+              "last_id": last_id}
+    with conn.transaction():
+        for stmt in GENERATE_SQL.split(";\n\n"):
             conn.execute(stmt.replace("%", "%%").replace("%%(", "%("), params)
-        else:
-            conn.execute(stmt)
 
 
 def table_rows(conn, table: str) -> list[tuple]:
