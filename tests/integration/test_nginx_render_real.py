@@ -45,6 +45,7 @@ needs_netns = pytest.mark.skipif(not (IS_ROOT and shutil.which("ip") and shutil.
 PLANS = {
     "standard": PlanConfig(),
     "tiny": PlanConfig(rate_per_ip=1, burst_per_ip=2, rate_per_tenant=100, burst_per_tenant=100, conn_per_ip=10),
+    "noburst": PlanConfig(burst_per_ip=0, burst_per_tenant=0),
 }
 
 
@@ -138,6 +139,7 @@ def mixed_tenants() -> list[TenantSpec]:
         tenant("bravo", 1, domains=["Bücher.example", "例え.テスト"], preview=False),
         tenant("charlie", 2, domains=["*.charlie.example", "charlie.example"], allow_wildcard=True, plan="tiny"),
         tenant("delta", 3, status="suspended"),
+        tenant("echo", 4, plan="noburst"),
     ]
 
 
@@ -155,7 +157,7 @@ def host_at(root: Path, **over) -> HostBaseline:
 def test_nginx_accepts_base_and_vhosts(tmp_path):
     host = host_at(tmp_path)
     files = write_nginx_tree(host, mixed_tenants())
-    assert len(files) == 3 + 4
+    assert len(files) == 2 + 5
     r = nginx_t(host)
     assert r.returncode == 0, r.stderr
 
@@ -171,8 +173,8 @@ def test_nginx_t_catches_a_broken_tree(tmp_path):
     r = nginx_t(host)
     assert r.returncode != 0 and "alpha.example.key" in r.stderr
     write_nginx_tree(host, ts)
-    zones = Path(tmp_path / "etc/nginx/dn/zones.conf")
-    zones.write_text(zones.read_text() + zones.read_text())  # the same zones declared twice
+    vhosts = tmp_path / "etc/nginx/dn/vhosts"
+    (vhosts / "copy.conf").write_text((vhosts / "alpha.conf").read_text())  # the same zones declared twice
     r = nginx_t(host)
     assert r.returncode != 0 and "is already bound" in r.stderr
 
@@ -265,7 +267,7 @@ def test_live_nginx_serves_rendered_tenants(tmp_path):
             assert "127.0.0.1" not in err and "secret-uid" not in err and "[error]" not in err
 
             # a plan change renames the zones; the live reload is accepted
-            ts2 = [*ts[:2], tenant("charlie", 2, domains=["*.charlie.example", "charlie.example"], allow_wildcard=True), ts[3]]
+            ts2 = [*ts[:2], tenant("charlie", 2, domains=["*.charlie.example", "charlie.example"], allow_wildcard=True), *ts[3:]]
             assert ts2[2].zones.req_ip != charlie.zones.req_ip
             write_nginx_tree(host, ts2)
             assert nginx_t(host).returncode == 0

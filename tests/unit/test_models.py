@@ -374,6 +374,20 @@ def test_several_errors_are_all_reported():
     assert "domains[0]" in str(ei.value) and "subnet" in str(ei.value)
 
 
+def test_host_view_leaves_the_secret_out():
+    from dn.models import host_view_data
+
+    t = tenant()
+    data = host_view_data(t)
+    assert "container_config" not in data and SECRET not in repr(data)
+    view = parse_tenant(data, host_view=True)
+    assert view.container_config is None and view.bridge == t.bridge and view.zones == t.zones
+    # outside a host view the secret stays required
+    with pytest.raises(InvalidInput) as ei:
+        parse_tenant(data)
+    assert ei.value.field == "container_config" and ei.value.rule == "is required"
+
+
 def test_spec_is_frozen_and_plan_resolved():
     t = tenant(plan="pro")
     assert t.limits == PLANS["pro"]

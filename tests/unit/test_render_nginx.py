@@ -67,9 +67,10 @@ def test_base_files_live_under_the_host_prefix():
     files, _ = base_conf([tenant()])
     assert sorted(files) == [
         "/srv/dn-sandbox/eu1/etc/nginx/dn/ffdhe2048.pem",
-        "/srv/dn-sandbox/eu1/etc/nginx/dn/zones.conf",
         "/srv/dn-sandbox/eu1/etc/nginx/nginx.conf",
     ]
+    # the main config does not depend on the tenant list
+    assert files == render_base(HOST, [])
     assert files["/srv/dn-sandbox/eu1/etc/nginx/dn/ffdhe2048.pem"].startswith("-----BEGIN DH PARAMETERS-----")
 
 
@@ -133,20 +134,21 @@ def test_access_log_records_no_personal_data():
     assert one(http, "limit_req_log_level").args == ("notice",)
 
 
-def test_includes_zones_and_vhost_dir():
+def test_includes_the_vhost_dir_inside_http():
     _, conf = base_conf()
     includes = [d.args for d in one(conf, "http").find("include")]
-    assert includes == [("/srv/dn-sandbox/eu1/etc/nginx/dn/zones.conf",), ("/srv/dn-sandbox/eu1/etc/nginx/dn/vhosts/*.conf",)]
+    assert includes == [("/srv/dn-sandbox/eu1/etc/nginx/dn/vhosts/*.conf",)]
 
 
 # --------------------------------------------------------------------------- zones
 
-def test_zones_for_every_tenant():
+def test_each_vhost_defines_its_own_zones():
     ts = [tenant("alpha", subnet="10.210.0.0/28"), tenant("bravo", subnet="10.210.0.16/28", plan="small")]
-    files, _ = base_conf(ts)
-    zones = parse_config(files["/srv/dn-sandbox/eu1/etc/nginx/dn/zones.conf"])
+    files = render_all(HOST, ts)
+    zones = [d for t in ts for d in parse_config(files[vhost_path(HOST, t)]) if d.block is None]
     req = [d for d in zones if d.name == "limit_req_zone"]
     conn = [d for d in zones if d.name == "limit_conn_zone"]
+    assert len(zones) == 6  # zones only, at http level; everything else is in server blocks
     assert len(req) == 4 and len(conn) == 2
     names = [a.split("=")[1].split(":")[0] for d in req + conn for a in d.args if a.startswith("zone=")]
     assert len(set(names)) == 6
@@ -262,7 +264,7 @@ def test_render_all_keys():
     ts = [tenant("alpha", subnet="10.210.0.0/28"), tenant("bravo", subnet="10.210.0.16/28")]
     files = render_all(HOST, ts)
     assert vhost_path(HOST, ts[1]) == "/srv/dn-sandbox/eu1/etc/nginx/dn/vhosts/bravo.conf"
-    assert {vhost_path(HOST, t) for t in ts} <= set(files) and len(files) == 5
+    assert {vhost_path(HOST, t) for t in ts} <= set(files) and len(files) == 4
 
 
 def test_secret_never_reaches_nginx():
@@ -297,7 +299,7 @@ def test_unvalidated_values_are_refused_by_the_filter(bad):
     assert "refused by the nginx renderer" in str(ei.value)
     forged_slug = TenantSpec.model_construct(**{**dict(good), "slug": bad})
     with pytest.raises(UnsafeValue):
-        render_base(HOST, [forged_slug])
+        render_vhost(forged_slug, HOST)
 
 
 def test_filter_accepts_ordinary_tokens():
@@ -311,13 +313,21 @@ def test_filter_accepts_ordinary_tokens():
 
 
 def test_server_names_hash_fits_long_and_many_names():
-    from dn.render.nginx import server_names_hash_sizes
+    from dn.render.nginx import NAMES_HASH_BUCKET, NAMES_HASH_MAX, server_names_hash_sizes
 
     assert server_names_hash_sizes([]) == (1024, 128)
     long_name = ".".join(["a" * 61] * 4) + ".de"  # 250 octets
-    assert server_names_hash_sizes([tenant(domains=[long_name])])[1] == 512
+    assert server_names_hash_sizes([tenant(domains=[long_name])])[1] == 512 <= NAMES_HASH_BUCKET
     many = [tenant(f"t{i:04d}", subnet="10.210.0.0/28") for i in range(600)]  # 1200 names
-    assert server_names_hash_sizes(many)[0] == 8192
+    assert server_names_hash_sizes(many)[0] == 8192 <= NAMES_HASH_MAX
     _, conf = base_conf()
     http = one(conf, "http").block
-    assert one(http, "server_names_hash_bucket_size").args == ("128",)
+    assert one(http, "server_names_hash_bucket_size").args == (str(NAMES_HASH_BUCKET),)
+    assert one(http, "server_names_hash_max_size").args == (str(NAMES_HASH_MAX),)
+
+
+def test_zero_burst_renders_a_plain_limit():
+    plans = {"standard": PlanConfig(burst_per_ip=0, burst_per_tenant=0)}
+    t = parse_tenant({"slug": "acme", "domains": ["acme.example"], "image": "dn.local/x:1", "container_config": SECRET, "subnet": "10.210.0.0/28"}, plans=plans)
+    _, tls = vhost(t)
+    assert sorted(d.args for d in tls.find("limit_req")) == sorted([(f"zone={t.zones.req_ip}",), (f"zone={t.zones.req_tenant}",)])
