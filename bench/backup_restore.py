@@ -181,12 +181,19 @@ def record(s: dict) -> None:
             f"| {gb(r['db_bytes'])} | {gb(r['dump_bytes'])} | {r['plain_pg_dump_s']} s | {r['dn_backup_run_s']} s | "
             f"{r['backup_overhead'] * 100:+.0f}% | {r['plain_pg_restore_j2_s']} s | {r['drill_rto_s']:.1f} s | "
             f"{r['restore_overhead'] * 100:+.0f}% | {mib(r['peak_rss_kib_backup'])} / {mib(r['peak_rss_kib_drill'])} |")
-    p = s["projected_rto_hours"]
+    p = {int(k): v for k, v in s["projected_rto_hours"].items()}
     lines += [
         "",
         f"Drill phases at {gb(r1['db_bytes'])}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r1["drill_phases"].items()) + ".",
         f"Projected RTO (linear in database size, {s['restore_rate_db_bytes_per_s'] / 1e6:.0f} MB of database per",
         f"second on this machine): **{p[10]} h at 10 GB, {p[100]} h at 100 GB**, against the promised 4 h.",
+        "",
+        "Peak memory: the RSS of the dn process itself (pg_dump and pg_restore are the same tools in both",
+        "columns). `dn backup run` holds one 1 MiB chunk in flight, so its peak does not move with the",
+        "dataset. The drill's SFTP read-ahead is bounded at three 8 MiB windows: its peak grows with the",
+        "artifact only until the artifact passes ~24 MiB, and is flat beyond. The generated data compresses",
+        "about 10:1; real event payloads compress less and move more bytes through encryption and SFTP",
+        "(AES-256-GCM ~9 GB/s and SHA-256 ~1.6 GB/s on this CPU, far above pg_dump's own rate).",
         "",
     ]
     with open(ROOT / "bench" / "RESULTS.md", "a") as f:
