@@ -16,7 +16,6 @@ from dn.backup import drill, keys, run
 from dn.errors import InvalidInput
 from tests.integration.test_backup import PASSPHRASE, bk, cheap_scrypt, generate, table_rows  # noqa: F401
 
-pytest_plugins = ("tests.fixtures.postgres", "tests.fixtures.sandbox")
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]
 PLATFORM = ("tenants", "users", "api_keys", "tenant_containers", "tenant_settings", "gtm_workspaces", "events",
             "hourly_stats", "invoices", "deletion_requests")
