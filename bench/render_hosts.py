@@ -134,12 +134,15 @@ def section(rows: list[tuple[int, dict[str, float]]], runs: int) -> str:
 
 
 def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    """Replace this benchmark's section in place (other benchmarks own the other sections)."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if HEADING in old:
         start = old.index(HEADING)
         nxt = old.find("\n## ", start + len(HEADING))
-        old = old[:start] + (old[nxt + 1:] if nxt != -1 else "")
-    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        rest = old[nxt + 1:] if nxt != -1 else ""
+        RESULTS.write_text(old[:start] + text.rstrip("\n") + "\n" + ("\n" + rest if rest else ""))
+    else:
+        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def main() -> None:
