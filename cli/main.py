@@ -29,6 +29,11 @@ NOUNS: list[tuple[str, str, str]] = [
     ("lock", "cli.lock", "Tenant and host locks: list, break a crashed run's lock."),
     ("setup", "cli.setup", "Provide the pinned Pulumi CLI and its helpers (once per machine)."),
     ("sandbox", "cli.sandbox", "The disposable sandbox EU host on this machine: up, down, status."),
+    ("tenant", "cli.tenant", "Tenants: create, list, show, update, destroy (one Pulumi stack each)."),
+    ("host", "cli.host", "EU hosts: the baseline stack (firewall, nginx main config, timers)."),
+    ("up", "cli.up", "Apply stacks: --tenant SLUG, --host NAME or --all."),
+    ("preview", "cli.preview", "What `dn up` would change: text, pull-request markdown or JSON."),
+    ("refresh", "cli.refresh", "Find drift on the hosts (exit 4 when found)."),
     ("backup", "cli.backup", "Encrypted backups in the second EU region: run, list, prune, shred."),
     ("dr", "cli.dr", "Disaster recovery: restore drills measuring RPO/RTO, status, restore."),
 ]
