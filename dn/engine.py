@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import gc
 import os
 import re
 import subprocess
@@ -42,12 +43,13 @@ PROJECT = "dn"
 STACK_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 OnEvent = Callable[["auto.EngineEvent"], None]
 
+# The engine's wording when a plugin is neither in PULUMI_HOME/plugins nor on PATH (automatic
+# acquisition is off in dn's engine environment), e.g. "no resource plugin 'pulumi-resource-docker'
+# found in the workspace at version v5.2.0 or on your $PATH".
 _PLUGIN_MISSING = [
-    re.compile(r"no resource plugin '(?P<name>[^']+)' found"),
-    re.compile(r"no (?P<kind>resource|analyzer|language) plugin '?(?P<name>[\w.-]+)'? (?:found|could be found)"),
-    re.compile(r"could not find (?:the )?(?:required )?plugin[^\n]*?(?P<name>pulumi-[\w-]+|[\w-]+ v?\d+\.\d+\.\d+)"),
-    re.compile(r"failed to load plugin (?P<name>[^\s:]+)"),
-    re.compile(r"language runtime plugin (?P<name>[\w-]+) not found|could not find language plugin '?(?P<lang>[\w-]+)"),
+    re.compile(r"no (?:resource|analyzer|language|converter|tool) plugin '(?P<name>[^']+)' found"
+               r"(?: in the workspace)?(?: at version (?P<version>v?[0-9][\w.+-]*))?"),
+    re.compile(r"could not find (?:the )?(?:language )?plugin '?(?P<name>[\w.-]+)'?"),
 ]
 
 
@@ -161,11 +163,12 @@ def policy_violations(stdout: str) -> list[str]:
 
 
 def missing_plugin(text: str) -> str | None:
-    """The plugin a Pulumi error says is missing, if it says so."""
+    """The plugin (and version) a Pulumi error says is missing, if it says so."""
     for rx in _PLUGIN_MISSING:
         m = rx.search(text)
         if m:
-            return next((g for g in m.groupdict().values() if g), "a plugin")
+            ver = m.groupdict().get("version")
+            return f"{m.group('name')} {ver}" if ver else m.group("name")
     return None
 
 
@@ -174,7 +177,15 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     where = f"stack {stack_name}"
     secrets = _secret_values(env)
     try:
-        yield
+        try:
+            yield
+        finally:
+            # When the engine stops an inline program early (a missing plugin, a policy failure),
+            # the SDK leaves the program's coroutine suspended on a closed event loop; its finaliser
+            # then runs wherever the garbage collector happens to fire, raising inside unrelated
+            # code (seen: CPython 3.11 "AST constructor recursion depth mismatch" in a later
+            # ast.parse). Collect here, at a known point, instead.
+            gc.collect()
     except DnError:
         raise
     except auto_errors.ConcurrentUpdateError:

@@ -325,13 +325,13 @@ def from_path(bc: BuildContext) -> dict:
     raise SourceUnavailable(f"pulumi on PATH is not v{bc.version} ({'; '.join(seen)})")
 
 
-def probe_installer(host: str = INSTALLER_HOST, timeout: float = 3.0) -> str | None:
-    """None when ``host`` answers on 443, else why not. Contacts that host only (and DNS)."""
+def probe_installer(host: str = INSTALLER_HOST, port: int = 443, timeout: float = 3.0) -> str | None:
+    """None when ``host`` answers on ``port``, else why not. Contacts that host only (and DNS)."""
     result: dict = {}
 
     def resolve() -> None:
         try:
-            result["addrs"] = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+            result["addrs"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as e:
             result["error"] = e
 
@@ -343,10 +343,10 @@ def probe_installer(host: str = INSTALLER_HOST, timeout: float = 3.0) -> str | N
     if "error" in result:
         return f"{host} does not resolve ({result['error']}): no internet here"
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return None
     except OSError as e:
-        return f"{host}:443 unreachable ({e})"
+        return f"{host}:{port} unreachable ({e})"
 
 
 def from_installer(bc: BuildContext, probe: Callable[[], str | None] = probe_installer) -> dict:
@@ -535,6 +535,7 @@ def _du(path: Path) -> int:
 def _install(version: str, root: Path, sources: Sequence[tuple[str, Source]], environ: Mapping[str, str],
              log: Log, prov: Provisioning) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root.parent))
+    staging.chmod(0o755)
     try:
         (staging / "bin").mkdir()
         bc = BuildContext(version=version, staging=staging, log=log, environ=environ,
@@ -693,6 +694,11 @@ def ensure(
 # the engine's environment
 
 
+def pulumi_home(data_dir: Path) -> Path:
+    """dn's PULUMI_HOME: plugins, workspace files and engine logs, kept inside the data dir."""
+    return Path(data_dir) / "pulumi-home"
+
+
 def passphrase_env(settings: "Settings", environ: Mapping[str, str]) -> dict[str, str]:
     """PULUMI_CONFIG_PASSPHRASE_FILE (preferred) or PULUMI_CONFIG_PASSPHRASE, from settings.secrets."""
     sec = settings.secrets
@@ -721,7 +727,7 @@ def engine_env(settings: "Settings", environ: Mapping[str, str] | None = None,
     data = Path(settings.data_dir)
     out = {
         "PATH": os.pathsep.join([str(root / "bin"), env.get("PATH", os.defpath)]),
-        "PULUMI_HOME": str(data / "pulumi"),
+        "PULUMI_HOME": str(pulumi_home(data)),
         "PULUMI_PYTHON_CMD": sys.executable,
         "PULUMI_SKIP_UPDATE_CHECK": "true",
         # no plugin downloads: they would hang on a machine without internet and would fetch code
