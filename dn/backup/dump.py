@@ -55,8 +55,8 @@ def libpq_env(passfile: Path | None, application: str) -> dict[str, str]:
     env = dict(os.environ)
     if passfile is not None:
         env["PGPASSFILE"] = str(passfile)
+        env.pop("PGPASSWORD", None)  # the configured passfile wins over a stray variable
     env["PGAPPNAME"] = application[:63]
-    env.pop("PGPASSWORD", None) if passfile is not None else None
     return env
 
 

@@ -69,6 +69,8 @@ def retrying(
         except fatal:
             raise
         except Unreachable as e:
+            if e.where == "database":  # only the backup region is retried here
+                raise
             if attempt >= retries:
                 if attempt:
                     raise Unreachable(
