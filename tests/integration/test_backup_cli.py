@@ -53,6 +53,10 @@ def test_backup_drill_status_through_the_cli(cli, pg_super):
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["alarms"] == [] and st["last_drill"]["result"] == "passed" and st["last_backup"]["id"] == backup_id
+    r = dn("dr", "status")
+    assert r.returncode == 0, r.stderr
+    assert f"last backup     {backup_id}" in r.stdout and "PASSED" in r.stdout and "next drill" in r.stdout
+    assert "all DR promises hold" in r.stderr
     r = dn("dr", "drill", "--max-rpo-hours", "0")
     assert r.returncode == ExitCode.POLICY and "RPO" in r.stderr
     r = dn("backup", "prune", "--dry-run", "--json")
