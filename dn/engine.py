@@ -23,6 +23,7 @@ import gc
 import os
 import re
 import subprocess
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,6 +173,22 @@ def missing_plugin(text: str) -> str | None:
     return None
 
 
+def _settle_aborted_program(timeout: float = 2.0) -> None:
+    """Let an inline program the engine aborted (missing plugin, policy failure) wind down here.
+
+    The SDK's program thread keeps running for a moment after the CLI exits and leaves the
+    program's coroutine suspended on a closed event loop. Its finaliser then runs wherever the
+    garbage collector next fires, raising inside unrelated code (seen: CPython 3.11 "AST
+    constructor recursion depth mismatch" in a later ast.parse). Collect until nothing more turns
+    up, so that happens now, at a known point.
+    """
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 3:
+        time.sleep(0.05)
+        quiet = quiet + 1 if gc.collect() == 0 else 0
+
+
 @contextmanager
 def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     where = f"stack {stack_name}"
@@ -179,14 +196,10 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     try:
         try:
             yield
-        finally:
-            # When the engine stops an inline program early (a missing plugin, a policy failure),
-            # the SDK leaves the program's coroutine suspended on a closed event loop; its finaliser
-            # then runs wherever the garbage collector happens to fire, raising inside unrelated
-            # code (seen: CPython 3.11 "AST constructor recursion depth mismatch" in a later
-            # ast.parse). Collect here, at a known point, instead.
-            gc.collect()
-    except DnError:
+        except BaseException:
+            _settle_aborted_program()
+            raise
+    except DnError:    except DnError:
         raise
     except auto_errors.ConcurrentUpdateError:
         raise Locked(
