@@ -8,10 +8,10 @@ import typer
 
 app = typer.Typer(help="Disaster recovery: restore drills (RPO/RTO), status, real restores.", no_args_is_help=True)
 
-MAX_RPO = typer.Option(24.0, "--max-rpo-hours", envvar="DN_DR_MAX_RPO_HOURS", min=0.0,
-                       help="RPO threshold: the newest backup may be at most this old")
-MAX_RTO = typer.Option(4.0, "--max-rto-hours", envvar="DN_DR_MAX_RTO_HOURS", min=0.0,
-                       help="RTO threshold: download to verified database in at most this long")
+MAX_RPO = typer.Option(None, "--max-rpo-hours", min=0.0,
+                       help="RPO threshold: the newest backup may be at most this old (default: dr.max_rpo_hours, 24)")
+MAX_RTO = typer.Option(None, "--max-rto-hours", min=0.0,
+                       help="RTO threshold: download to verified database in at most this long (default: dr.max_rto_hours, 4)")
 
 
 def _progress(c):
@@ -23,10 +23,10 @@ def drill_(
     ctx: typer.Context,
     backup: Optional[str] = typer.Option(None, "--backup", "-b", help="backup id (default: the newest platform backup)"),
     json: bool = typer.Option(False, "--json", help="print the JSON report instead of the summary"),
-    max_rpo_hours: float = MAX_RPO,
-    max_rto_hours: float = MAX_RTO,
-    checks: Optional[Path] = typer.Option(None, "--checks", envvar="DN_DR_CHECKS",
-                                          help='TOML file of extra sanity checks: [[check]] name = "..." sql = "..."'),
+    max_rpo_hours: Optional[float] = MAX_RPO,
+    max_rto_hours: Optional[float] = MAX_RTO,
+    checks: Optional[Path] = typer.Option(None, "--checks",
+                                          help='TOML file of extra sanity checks: [[check]] name = "..." sql = "..." (default: dr.checks_file)'),
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=32, help="pg_restore parallel jobs"),
 ) -> None:
     """Restore a backup into a scratch database, verify it, measure RPO/RTO, drop it.
@@ -42,7 +42,10 @@ def drill_(
     from dn.errors import OperationFailed, PolicyViolation
 
     c = ctx.obj
-    loaded = drill.load_checks(checks)
+    cfg = c.settings.dr
+    max_rpo_hours = cfg.max_rpo_hours if max_rpo_hours is None else max_rpo_hours
+    max_rto_hours = cfg.max_rto_hours if max_rto_hours is None else max_rto_hours
+    loaded = drill.load_checks(checks or cfg.checks_file)
     with audit.privileged(c, "dr drill", {"backup": backup}, lock=["db:dr-drill"]) as op:
         report = drill.run_drill(c.settings, c.environ, backup_id=backup, max_rpo=timedelta(hours=max_rpo_hours),
                                  max_rto=timedelta(hours=max_rto_hours), checks=loaded, jobs=jobs,
@@ -65,7 +68,7 @@ def drill_(
 def status(
     ctx: typer.Context,
     json: bool = typer.Option(False, "--json", help="print JSON"),
-    max_rpo_hours: float = MAX_RPO,
+    max_rpo_hours: Optional[float] = MAX_RPO,
 ) -> None:
     """Last backup age, last drill (time, result, RTO, RPO), next scheduled drill.
 
@@ -78,6 +81,8 @@ def status(
     from dn.errors import PolicyViolation, Unreachable
 
     c = ctx.obj
+    if max_rpo_hours is None:
+        max_rpo_hours = c.settings.dr.max_rpo_hours
     st = drill.status(c.settings, c.environ, max_rpo=timedelta(hours=max_rpo_hours))
     if json:
         c.out_json(st)

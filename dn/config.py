@@ -213,6 +213,14 @@ class TLSConfig(Strict):
     hsts_max_age: int = Field(63072000, ge=15552000)
 
 
+class DRConfig(Strict):
+    """Restore drills: the trust page's promises are the default thresholds."""
+
+    max_rpo_hours: float = Field(24.0, gt=0, le=720, description="the newest backup may be at most this old")
+    max_rto_hours: float = Field(4.0, gt=0, le=168, description="download to verified database at most this long")
+    checks_file: Path | None = Field(None, description='TOML of extra sanity checks: [[check]] name = "..." sql = "..."')
+
+
 class Settings(Strict):
     data_dir: Path
     default_host: str = SANDBOX_HOST
@@ -227,6 +235,7 @@ class Settings(Strict):
     images: ImagesConfig = ImagesConfig()
     alert: AlertConfig = AlertConfig()
     tls: TLSConfig = TLSConfig()
+    dr: DRConfig = DRConfig()
     source: str = Field("embedded default", description="where these settings came from")
 
     @field_validator("hosts", "plans")

@@ -138,6 +138,8 @@ class Cluster:
                 verb = "ALTER" if exists else "CREATE"
                 c.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
                     sql.Identifier(role), sql.Literal(passwords[role])))
+            # Restore drills and restores create scratch/staging databases as the owner role.
+            c.execute("ALTER ROLE dn_owner CREATEDB")
             if not c.execute("SELECT 1 FROM pg_database WHERE datname = 'dn'").fetchone():
                 c.execute("CREATE DATABASE dn OWNER dn_owner")
             c.execute("REVOKE ALL ON DATABASE dn FROM PUBLIC")
