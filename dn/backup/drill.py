@@ -37,7 +37,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
-from dn.backup import alert, crypto, dump, keys, schedule
+from dn import alert
+from dn.backup import crypto, dump, keys, schedule
 from dn.backup.manifest import Manifest, check_backup_id
 from dn.backup.run import Progress, open_store, source_dsn
 from dn.backup.store import Store

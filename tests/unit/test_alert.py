@@ -2,7 +2,7 @@
 import json
 import sys
 
-from dn.backup import alert
+from dn import alert
 from dn.config import AlertConfig
 
 EVENT = {"drill_id": "abc", "result": "failed", "failures": ["artifact platform.dump.enc: truncated"]}
