@@ -1,0 +1,169 @@
+"""Inline Pulumi programs for dn's engine: one per tenant stack, one per host baseline stack.
+
+``tenant_program(inputs)`` / ``host_program(inputs)`` return the zero-argument function the
+Automation API runs in-process (``dn.engine.stack``). Their inputs are plain, validated data made
+by ``tenant_inputs`` / ``host_inputs`` from the settings and the registry; the secrets are not in
+them: the programs read ``dn:containerConfig`` and ``dn:luksKey`` from the stack's config as
+Pulumi secrets, so they stay encrypted in the state and masked in every event and output.
+
+The host resources are the dynamic providers of ``stacks/providers``; the engine runs them in a
+separate process that imports them by module name (``provider_env`` puts dn's checkout on its
+``PYTHONPATH``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from dn.models import HostBaseline, TenantSpec, host_view_data, parse_host, parse_tenant
+
+if TYPE_CHECKING:
+    from dn.config import HostConfig, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY_PACK = REPO / "policies"
+
+
+def provider_env() -> dict[str, str]:
+    """Environment for the engine's provider processes: they import ``stacks.providers`` and
+    ``dn`` from this checkout."""
+    current = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO), current]) if current else str(REPO)}
+
+
+def policy_config(settings: "Settings") -> dict[str, Any]:
+    """The policy pack's configuration from dn's settings (``--policy-pack-config``)."""
+    return {
+        "all": "mandatory",
+        "dn-allowed-registries": {"allowedRegistries": list(settings.images.allowed_registries)},
+        "dn-backup-schedule": {"minRetentionDays": 30},
+    }
+
+
+def policy_pack_args(settings: "Settings") -> dict[str, Any]:
+    """``policy_packs`` / ``policy_pack_configs`` for engine.up / engine.preview: dn's pack run
+    through its launcher (no pulumi-language-python needed), configured from the settings."""
+    import json
+
+    from dn import tooling
+
+    launcher = tooling.policy_pack_launcher(POLICY_PACK, Path(settings.data_dir))
+    cfg = launcher.parent / "config.json"
+    text = json.dumps(policy_config(settings), indent=2, sort_keys=True) + "\n"
+    if not cfg.exists() or cfg.read_text() != text:
+        tmp = cfg.with_name(f".config.{os.getpid()}.json")
+        tmp.write_text(text)
+        os.replace(tmp, cfg)
+    return {"policy_packs": [str(launcher)], "policy_pack_configs": [str(cfg)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# SSH to the host, for the docker provider (OpenSSH) and the dynamic providers (dn.ssh)
+
+
+def ssh_target_data(h: "HostConfig") -> dict[str, Any]:
+    """The host's SSH target as plain data a dynamic provider carries (paths and the pinned key,
+    never a key's content)."""
+    return h.model_dump(mode="json", include={"address", "port", "user", "key_path", "host_key", "known_hosts",
+                                              "connect_timeout", "command_timeout"})
+
+
+def write_known_hosts(settings: "Settings", host_name: str) -> Path:
+    """A known_hosts file holding exactly the host's pinned key, for OpenSSH (pulumi-docker's
+    ``ssh://``): from ``host_key``, or the pinned lines of the configured ``known_hosts``. dn
+    writes it; OpenSSH never adds to it (StrictHostKeyChecking=yes)."""
+    from dn import ssh
+    from stacks.tenant import known_hosts_path
+
+    h = settings.host(host_name)
+    name = ssh.known_hosts_name(h.address, h.port)
+    known_text = Path(h.known_hosts).read_text() if h.known_hosts and Path(h.known_hosts).exists() else None
+    pinned = ssh.pinned_keys_for(h.address, h.port, h.host_key, known_text,
+                                 str(h.known_hosts) if h.known_hosts else None)
+    if not pinned.keys:
+        from dn.errors import HostKeyError
+
+        raise HostKeyError(f"host {host_name}: no host key is pinned for {name}",
+                           hint="set hosts.<name>.host_key or known_hosts: dn never learns a host key by connecting")
+    lines = "".join(f"{name} {k.openssh()}\n" for k in pinned.keys)
+    path = known_hosts_path(Path(settings.data_dir), host_name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists() or path.read_text() != lines:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(lines)
+        tmp.chmod(0o600)
+        os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# tenant stacks
+
+
+@dataclass(frozen=True)
+class TenantInputs:
+    """What a tenant program needs, as plain data (no secret)."""
+
+    tenant: dict[str, Any]  # dn.models.host_view_data(spec)
+    host: dict[str, Any]  # the HostBaseline
+    ssh: dict[str, Any]  # ssh_target_data
+    docker_url: str
+    known_hosts: str
+    other_bridges: tuple[str, ...] = ()
+    backup_retention_days: int = 30
+    schedules: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> TenantSpec:
+        return parse_tenant(self.tenant, host_view=True)
+
+    def baseline(self) -> HostBaseline:
+        return parse_host(self.host)
+
+
+def tenant_inputs(settings: "Settings", spec: TenantSpec, others: Sequence[TenantSpec],
+                  host_name: str | None = None) -> TenantInputs:
+    name = host_name or settings.default_host
+    h = settings.host(name)
+    baseline = HostBaseline.from_settings(settings, name)
+    return TenantInputs(
+        tenant=host_view_data(spec),
+        host=baseline.model_dump(mode="json"),
+        ssh=ssh_target_data(h),
+        docker_url=h.docker_url,
+        known_hosts=str(write_known_hosts(settings, name)),
+        other_bridges=tuple(sorted(o.bridge for o in others)),
+        backup_retention_days=settings.retention.backup_daily_days,
+        schedules=settings.schedules.model_dump(mode="json"),
+    )
+
+
+def tenant_program(inputs: TenantInputs) -> Callable[[], None]:
+    """The program of one tenant stack: the ``dn:tenant:Tenant`` component and its outputs."""
+
+    def program() -> None:
+        import pulumi
+
+        from stacks.tenant import DockerEndpoint, Tenant, TenantArgs
+
+        cfg = pulumi.Config()
+        spec = inputs.spec()
+        t = Tenant(TenantArgs(
+            spec=spec,
+            host=inputs.baseline(),
+            docker=DockerEndpoint(inputs.docker_url, inputs.ssh["key_path"], inputs.known_hosts),
+            container_config=cfg.require_secret("containerConfig"),
+            luks_key=cfg.require_secret("luksKey"),
+            other_bridges=inputs.other_bridges,
+            backup_retention_days=inputs.backup_retention_days,
+            ssh=inputs.ssh,
+        ))
+        pulumi.export("tenant", spec.slug)
+        pulumi.export("network", t.network.name)
+        pulumi.export("bridge", spec.bridge)
+        pulumi.export("subnet", spec.subnet)
+        pulumi.export("containers", [c.name for c in (t.tagging, t.preview) if c is not None])
+        pulumi.export("domains", list(spec.domains))
+
+    return program
