@@ -173,6 +173,16 @@ def control_argv(host: HostBaseline, signal: str | None = None, nginx: str = "ng
     return argv + (["-s", signal] if signal else [])
 
 
+def pid_path(host: HostBaseline) -> str:
+    """On-host path of the nginx master's pid file."""
+    return _paths(host)["pid"]
+
+
+def error_log_path(host: HostBaseline) -> str:
+    """On-host path of nginx's error log (startup and configuration errors land here)."""
+    return _paths(host)["error_log"]
+
+
 def runtime_dirs(host: HostBaseline) -> list[str]:
     """Directories nginx needs before it starts (logs, temp files, pid, ACME webroot, vhosts)."""
     p = _paths(host)
