@@ -199,7 +199,7 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
         except BaseException:
             _settle_aborted_program()
             raise
-    except DnError:    except DnError:
+    except DnError:
         raise
     except auto_errors.ConcurrentUpdateError:
         raise Locked(
