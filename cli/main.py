@@ -36,6 +36,11 @@ NOUNS: list[tuple[str, str, str]] = [
     ("refresh", "cli.refresh", "Find drift on the hosts (exit 4 when found)."),
     ("backup", "cli.backup", "Encrypted backups in the second EU region: run, list, prune, shred."),
     ("dr", "cli.dr", "Disaster recovery: restore drills measuring RPO/RTO, status, restore."),
+    ("verify", "cli.verify", "Check every claim of the trust page on the live host; keep the evidence."),
+    ("gdpr", "cli.gdpr", "GDPR deletion requests: register, erase with a certificate, status."),
+    ("retention", "cli.retention", "Enforce the data map's retention periods (daily timer)."),
+    ("keys", "cli.keys", "Fernet keys of the platform's encrypted secrets: rotate, status."),
+    ("export", "cli.export", "Export one tenant's data as a ZIP (configuration, events, aggregates, invoices)."),
 ]
 
 
