@@ -468,9 +468,10 @@ def preview_server_url(tenant: TenantSpec) -> str:
 
 def tenant_container_inputs(tenant: TenantSpec, role: str, *, health_test: Sequence[str] | None = None,
                             health: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """Inputs of a tenant's tagging or preview DockerContainer (without ``host`` and the secret env,
-    see :func:`tenant_secret_env`). ``health_test`` is the Engine API form (default: wget
-    ``/healthz``); ``extra`` overrides any other input (pull, wait_s, pids_limit ...)."""
+    """Inputs of a tenant's tagging or preview DockerContainer, without ``ssh`` and ``secret_env``
+    (CONTAINER_CONFIG comes from the stack config as a Pulumi secret). ``health_test`` is the
+    Engine API form (default: wget ``/healthz``); ``extra`` overrides any other input (pull,
+    wait_s, pids_limit ...)."""
     if role not in ROLES:
         raise InvalidInput("role", f"must be one of {', '.join(ROLES)}")
     env = {"PORT": str(TENANT_PORT)}
@@ -497,11 +498,6 @@ def tenant_container_inputs(tenant: TenantSpec, role: str, *, health_test: Seque
     }
     out.update(extra)
     return out
-
-
-def tenant_secret_env(tenant: TenantSpec) -> dict[str, str]:
-    """The secret env of both sGTM servers (keep it a Pulumi secret)."""
-    return {"CONTAINER_CONFIG": tenant.container_config.get_secret_value()}
 
 
 # --------------------------------------------------------------------------- argv (pure)

@@ -14,7 +14,8 @@ An apply (``apply``, after ``read`` and the pure ``plan``):
    is formatted only if its first MiB is blank (the remains of an interrupted create);
 3. ``verify``: the header is read back (``luksDump``: cipher, key size, argon2id) and the key is
    tested (``open --test-passphrase``);
-4. where device-mapper exists (``/dev/mapper/control``): ``open``, ``mkfs.ext4`` when the opened
+4. where the kernel's device-mapper answers (``dmsetup version``; ``/dev/mapper/control`` alone
+   proves nothing: libdevmapper creates that node even when the kernel has no driver): ``open``, ``mkfs.ext4`` when the opened
    device holds no filesystem yet, and ``mount`` at the tenant's path. Where it does not (the
    sandbox), the plan says so: the volume is formatted and verified but cannot be opened there.
 
@@ -249,7 +250,7 @@ def _blank(s: "Session", path: str, size: int) -> bool:
 def read(session: "Session", spec: VolumeSpec) -> VolumeState:
     """The volume's state on the host."""
     s = session
-    dm = _ok(s, ["test", "-e", "/dev/mapper/control"])
+    dm = _ok(s, ["dmsetup", "version"]) or _ok(s, ["test", "-e", "/sys/class/misc/device-mapper"])
     opened = dm and _ok(s, ["test", "-e", spec.mapper_path])
     mounted = _ok(s, ["mountpoint", "-q", spec.mount]) if s.exists(spec.mount) else False
     d, base = posixpath.split(spec.image)

@@ -336,6 +336,11 @@ def apply(session: Session, host: HostBaseline, unit: Unit, the_plan: Plan,
         activate(s)
     marker = marker_path(host, unit.name)
     if unit.removal:
+        from dn.ssh import PREV_MARK
+
+        for path in unit.files:  # a removed file's kept previous version goes with it
+            d, name = posixpath.split(path)
+            s.remove(f"{d}/.{name}{PREV_MARK}")
         s.remove(marker)
     else:
         s.install_file(marker, (unit.digest + "\n").encode(), mode=0o644, keep_previous=False)
