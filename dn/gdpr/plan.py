@@ -61,6 +61,7 @@ class HostNames:
     timers: tuple[str, ...]
     volume: str
     mapper: str
+    mount: str
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ probe as evidence. Every method is idempotent: a resumed deletion may run a step
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -53,10 +54,22 @@ def host_names(settings: "Settings", slug: str, host: str) -> HostNames:
         host=host, network=spec.network, containers=(spec.tagging_container, spec.preview_container),
         vhost=vhost_path(hb, spec), chains=(spec.chain_forward, spec.chain_input),
         timers=(hb.path(f"{UNIT_DIR}/{unit}.timer"), hb.path(f"{UNIT_DIR}/{unit}.service")),
-        volume=hb.path(spec.volume_image), mapper=spec.mapper_name)
+        volume=hb.path(spec.volume_image), mapper=spec.mapper_name, mount=hb.path(spec.mount_path))
 
 
 # -- luksDump ------------------------------------------------------------------------------------
+def _keyslots_json(session: Any, path: str) -> list[int] | None:
+    """The keyslot ids of a LUKS2 header (from its JSON metadata), or None if ``path`` is not LUKS2."""
+    r = session.run(["cryptsetup", "luksDump", "--dump-json-metadata", path], check=False)
+    if not r.ok:
+        return None
+    try:
+        meta = json.loads(r.text)
+    except ValueError:
+        return None
+    return sorted(int(k) for k in (meta.get("keyslots") or {}))
+
+
 def luks_keyslots(dump: str) -> list[str]:
     """The keyslot numbers a LUKS1 or LUKS2 ``luksDump`` lists as in use."""
     if re.search(r"^Key Slot \d+: ", dump, re.M):  # LUKS1
@@ -152,35 +165,52 @@ class Resources:
 
     # -- LUKS ----------------------------------------------------------------------------------
     def erase_volume(self, slug: str, names: HostNames) -> dict[str, Any]:
+        """Crypto-erase the tenant's volume with dn.host.luks.remove (every keyslot of the image
+        and of any header backup wiped, then the files removed), keeping ``cryptsetup luksDump``
+        of each erased file, taken after its erase and before its removal, as evidence."""
+        luks = _optional("dn.host.luks")
         with self._session(names.host) as s:
             files = volume_files(s, names)
             if not files:
-                return {"summary": "no LUKS volume on the host: nothing to erase", "volume": names.volume,
+                directory, _, base = names.volume.rpartition("/")
+                return {"summary": "nothing to do: no LUKS volume of the tenant on the host", "volume": names.volume,
                         "present": False, "files": [], "checked_at": _now(),
-                        "command": f"find {names.volume.rpartition('/')[0]} -maxdepth 1 -name {names.volume.rpartition('/')[2]}*"}
-            luks = _optional("dn.host.luks")
-            eraser = getattr(luks, "erase", None) if luks else None
-            if eraser is None:
+                        "command": f"find {directory} -maxdepth 1 -name {base}*"}
+            if luks is None or not all(hasattr(luks, f) for f in ("remove", "VolumeSpec")):
                 raise StepFailed(
                     f"tenant {slug} has a LUKS volume on host {names.host} ({', '.join(files)}), and this dn cannot "
-                    "crypto-erase it: dn.host.luks provides no erase(); nothing was erased",
+                    "crypto-erase it: dn.host.luks.remove is missing; nothing was erased",
                     hint="install a dn with the LUKS applier and rerun the same command", where=f"tenant:{slug}")
+            before = {f: _keyslots_json(s, f) for f in files}
+            # The size of a volume plays no part in removing it.
+            spec = luks.VolumeSpec(name=slug, image=names.volume, size_mb=0, mapper=names.mapper, mount=names.mount)
+            dumps: dict[str, dict[str, Any]] = {}
+
+            def on_progress(what: str) -> None:
+                # remove() reports "delete" right before it removes a file it has erased: the
+                # moment the erased header can still be read
+                if what == "delete":
+                    for f in files:
+                        if f not in dumps and (slots := _keyslots_json(s, f)) == []:
+                            text = s.run(["cryptsetup", "luksDump", f], check=False)
+                            dumps[f] = {"keyslots": slots, "luks_dump": text.text if text.ok else None}
+
             self.progress(f"crypto-erasing {names.volume} on {names.host}")
-            done = eraser(s, names.volume)
-            dump = s.run(["cryptsetup", "luksDump", names.volume], check=False)
+            applied = luks.remove(s, spec, progress=on_progress)
             left = volume_files(s, names)
-        slots = luks_keyslots(dump.text) if dump.ok else []
-        if dump.ok and slots:
-            raise StepFailed(f"after the erase, {names.volume} on {names.host} still lists keyslot(s) {', '.join(slots)}",
+        if left:
+            raise StepFailed(f"after the crypto-erase, files remain on {names.host}: {', '.join(left)}",
                              where=f"tenant:{slug}")
-        headers = [f for f in left if f != names.volume]
-        if headers:
-            raise StepFailed(f"after the erase, header backups remain on {names.host}: {', '.join(headers)}",
-                             where=f"tenant:{slug}")
-        return {"summary": "crypto-erased: no keyslot remains" if dump.ok else "crypto-erased and removed",
+        luks_files = [f for f, slots in before.items() if slots is not None]
+        missing = [f for f in luks_files if f not in dumps]
+        return {"summary": f"crypto-erased {len(luks_files)} LUKS header(s) (no keyslot remains) and removed "
+                           f"{len(files)} file(s)",
                 "volume": names.volume, "present": True, "files_before": files, "files_after": left,
-                "erase": done if isinstance(done, dict) else None,
-                "luks_dump": dump.text if dump.ok else None, "keyslots": slots, "checked_at": _now()}
+                "keyslots_before": {f: before[f] for f in luks_files},
+                "after_erase": dumps,
+                "evidence_missing": missing,
+                "changes": [{"action": c.action, "target": c.target} for c in applied.plan.changes],
+                "checked_at": _now()}
 
     # -- the stack -----------------------------------------------------------------------------
     def destroy_stack(self, slug: str, names: HostNames) -> dict[str, Any]:

@@ -339,3 +339,62 @@ def test_resources_left_on_the_host_stop_the_deletion_loudly(gdpr_env, sandbox):
     assert certificate.check(out.certificate) == []
     stack_step = next(s for s in out.certificate["steps"] if s["step"] == "stack")
     assert stack_step["attempts"] == 2
+
+
+def test_the_luks_volume_is_crypto_erased_with_luksdump_evidence(gdpr_env):
+    """A real LUKS2 volume (dn.host.luks) and a header backup of it on the sandbox host: after the
+    deletion both were erased (luksDump: no keyslot) and removed."""
+    from dn import ssh
+    from dn.gdpr.resources import host_names, luks_keyslots
+    from dn.host import luks
+
+    env = gdpr_env
+    ids = _three_tenants(env, events=10)
+    with env.connect() as conn:
+        rid = add_request(conn, ids["shop-beta"])
+    names = host_names(env.settings, "shop-beta", "sandbox-eu1")
+    spec = luks.VolumeSpec(name="shop-beta", image=names.volume, size_mb=32, mapper=names.mapper, mount=names.mount)
+    header = names.volume + luks.HEADER_SUFFIX
+    key = luks.new_key()
+    with ssh.connect(env.settings.host("sandbox-eu1")) as s:
+        try:
+            luks.converge(s, spec, key)
+            s.run(["cryptsetup", "luksHeaderBackup", spec.image, "--header-backup-file", header])
+            assert s.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", spec.image], stdin=key).ok
+            out = workflow.delete(env.ctx, "shop-beta", rid)
+            ev = out.certificate["luks"]
+            assert ev["present"] is True and sorted(ev["files_before"]) == sorted([spec.image, header])
+            assert ev["keyslots_before"] == {spec.image: [0], header: [0]}
+            assert ev["files_after"] == [] and ev["evidence_missing"] == []
+            for f in (spec.image, header):
+                assert ev["after_erase"][f]["keyslots"] == []
+                dump = ev["after_erase"][f]["luks_dump"]
+                assert "Keyslots:" in dump and luks_keyslots(dump) == [] and "aes-xts-plain64" in dump
+            assert not s.exists(spec.image) and not s.exists(header)
+        finally:
+            for f in (spec.image, header):
+                s.remove(f, missing_ok=True)
+
+
+def test_luks_keyslot_parser_on_real_luksdump_output(tmp_path):
+    """The text parser against real cryptsetup output: one slot, two slots, erased (LUKS2 and LUKS1)."""
+    from dn.gdpr.resources import luks_keyslots
+
+    img, k1, k2 = tmp_path / "v.img", tmp_path / "k1", tmp_path / "k2"
+    k1.write_bytes(b"first test key")
+    k2.write_bytes(b"second test key")
+    for typ, cost in (("luks2", ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]), ("luks1", ["--iter-time", "1"])):
+        subprocess.run(["truncate", "-s", "20M", str(img)], check=True)
+        subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", typ, *cost, "--key-file", str(k1), str(img)],
+                       check=True)
+
+        def dump():
+            return subprocess.run(["cryptsetup", "luksDump", str(img)], capture_output=True, text=True, check=True).stdout
+
+        assert luks_keyslots(dump()) == ["0"], typ
+        subprocess.run(["cryptsetup", "luksAddKey", "--batch-mode", *cost, "--key-file", str(k1), str(img), str(k2)],
+                       check=True)
+        assert luks_keyslots(dump()) == ["0", "1"], typ
+        subprocess.run(["cryptsetup", "erase", "--batch-mode", str(img)], check=True)
+        assert luks_keyslots(dump()) == [], typ
+        img.unlink()
