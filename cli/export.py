@@ -5,10 +5,11 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Export one tenant's data as a ZIP (configuration, events, aggregates, invoices).")
+app = typer.Typer(help="Export one tenant's data as a ZIP (configuration, events, aggregates, invoices).",
+                  subcommand_metavar="")
 
 
-@app.callback(invoke_without_command=True)
+@app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
 def export(
     ctx: typer.Context,
     tenant: str = typer.Argument(..., help="the tenant's slug"),
