@@ -196,6 +196,21 @@ def _opt(data: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+def _int(data: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int, field_name: str | None = None) -> int:
+    """An integer input within lo..hi. Pulumi delivers every number as a float: 64.0 is 64."""
+    name = field_name or key
+    v = data.get(key)
+    if v is None:
+        if default is None:
+            raise InvalidInput(name, "is required")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise InvalidInput(name, f"must be an integer within {lo}..{hi}")
+    if not lo <= v <= hi:
+        raise InvalidInput(name, f"must be an integer within {lo}..{hi}")
+    return int(v)
+
+
 def _check_name(field_name: str, value: Any, *, room: int = 0) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or len(value) + room > 64:
         raise InvalidInput(field_name, f"must be 1-{64 - room} characters of a-z A-Z 0-9 _ . -, starting "
@@ -306,9 +321,7 @@ def health_spec(data: Any, field_name: str = "health") -> Health:
             raise InvalidInput(f"{field_name}.{key}", "must be a whole number of milliseconds")
         return float(v)
 
-    retries = _opt(data, "retries", 3)
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 100:
-        raise InvalidInput(f"{field_name}.retries", "must be an integer within 1..100")
+    retries = _int(data, "retries", 3, 1, 100, f"{field_name}.retries")
     unknown = set(data) - {"test", "interval_s", "timeout_s", "retries", "start_period_s"}
     if unknown:
         raise InvalidInput(f"{field_name}.{sorted(unknown)[0]}", "unknown field")
@@ -348,16 +361,12 @@ def container_spec(data: Mapping[str, Any]) -> ContainerSpec:
         ipaddress.IPv4Address(ipv4)
     except ValueError:
         raise InvalidInput("ipv4", f"{ipv4!r} is not an IPv4 address") from None
-    memory_mb = _need(data, "memory_mb", int, "an integer")
-    if not 16 <= memory_mb <= 262144:
-        raise InvalidInput("memory_mb", "must be within 16..262144")
+    memory_mb = _int(data, "memory_mb", None, 16, 262144)
     cpus = _need(data, "cpus", (int, float), "a number")
     if not 0.01 <= cpus <= 64 or round(cpus * 1000) != cpus * 1000:
         raise InvalidInput("cpus", "must be within 0.01..64 with at most 3 decimals")
     health = health_spec(_need(data, "health", Mapping, "a mapping"))
-    port = _opt(data, "port", TENANT_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise InvalidInput("port", "must be an integer within 1..65535")
+    port = _int(data, "port", TENANT_PORT, 1, 65535)
     env = _check_env("env", data.get("env"))
     keys = _opt(data, "secret_env_keys", list(SECRET_ENV_DEFAULT))
     if isinstance(keys, str) or not isinstance(keys, Sequence) or not all(isinstance(k, str) and _ENV_KEY_RE.fullmatch(k) for k in keys):
@@ -366,9 +375,7 @@ def container_spec(data: Mapping[str, Any]) -> ContainerSpec:
     both = sorted(set(keys) & set(env))
     if both:
         raise InvalidInput(f"env.{both[0]}", "is a secret variable: pass it in secret_env, never as plain env")
-    pids = _opt(data, "pids_limit", DEFAULT_PIDS_LIMIT)
-    if isinstance(pids, bool) or not isinstance(pids, int) or not 16 <= pids <= 1_000_000:
-        raise InvalidInput("pids_limit", "must be an integer within 16..1000000")
+    pids = _int(data, "pids_limit", DEFAULT_PIDS_LIMIT, 16, 1_000_000)
     read_only = _opt(data, "read_only", True)
     if not isinstance(read_only, bool):
         raise InvalidInput("read_only", "must be true or false")
@@ -384,9 +391,7 @@ def container_spec(data: Mapping[str, Any]) -> ContainerSpec:
     log_max_size = _opt(data, "log_max_size", "10m")
     if not isinstance(log_max_size, str) or not _SIZE_RE.fullmatch(log_max_size):
         raise InvalidInput("log_max_size", "must be a size like 10m (a number and k, m or g)")
-    log_max_file = _opt(data, "log_max_file", 3)
-    if isinstance(log_max_file, bool) or not isinstance(log_max_file, int) or not 1 <= log_max_file <= 100:
-        raise InvalidInput("log_max_file", "must be an integer within 1..100")
+    log_max_file = _int(data, "log_max_file", 3, 1, 100)
     pull = _opt(data, "pull", "never")
     if pull not in PULL_POLICIES:
         raise InvalidInput("pull", f"must be one of {', '.join(PULL_POLICIES)}")

@@ -83,7 +83,9 @@ def test_network_spec_rejects(over, field, rule):
     ({"image": "dn.local/Bad:1"}, "image", "not a valid image reference"),
     ({"ipv4": "10.210.239.300"}, "ipv4", "not an IPv4 address"),
     ({"memory_mb": "512"}, "memory_mb", "integer"),
-    ({"memory_mb": True}, "memory_mb", "not a boolean"),
+    ({"memory_mb": True}, "memory_mb", "integer"),
+    ({"memory_mb": 64.5}, "memory_mb", "integer"),
+    ({"cpus": True}, "cpus", "not a boolean"),
     ({"memory_mb": 8}, "memory_mb", "16..262144"),
     ({"cpus": 0}, "cpus", "0.01..64"),
     ({"cpus": 0.1234}, "cpus", "3 decimals"),
@@ -137,6 +139,12 @@ def test_specs_accept_valid_input():
     assert spec.all_labels[hd.LABEL_SECRET_ENV] == "CONTAINER_CONFIG,OTHER_TOKEN"
     assert spec.health.enabled and not hd.health_spec({"test": ["NONE"]}).enabled
     assert spec.tmpfs == hd.DEFAULT_TMPFS and spec.read_only and spec.pull == "never"
+    # the engine delivers every number as a float
+    floats = hd.container_spec(ctr_data(memory_mb=96.0, port=8080.0, pids_limit=100.0, log_max_file=2.0,
+                                        health={"test": ["NONE"], "retries": 2.0}))
+    assert (floats.memory_mb, floats.port, floats.pids_limit, floats.log_max_file, floats.health.retries) == \
+        (96, 8080, 100, 2, 2)
+    assert all(type(v) is int for v in (floats.memory_mb, floats.port, floats.pids_limit, floats.log_max_file))
 
 
 # --------------------------------------------------------------------------- argv
@@ -534,7 +542,7 @@ def test_provider_check_names_the_field():
 
     news = {**ctr_data(memory_mb="lots"), "ssh": SSH, "secret_env": dict(SECRET_ENV)}
     r = DockerContainerProvider().check({}, news)
-    assert [(f.property, f.reason) for f in r.failures] == [("memory_mb", "must be an integer")]
+    assert [(f.property, f.reason) for f in r.failures] == [("memory_mb", "must be an integer within 16..262144")]
     r = DockerContainerProvider().check({}, {**ctr_data(), "ssh": SSH, "secret_env": {"CONTAINER_CONFIG": "a\nb"}})
     assert r.failures[0].property == "secret_env.CONTAINER_CONFIG" and "a\nb" not in r.failures[0].reason
     r = DockerNetworkProvider().check({}, {**net_data(), "ssh": {"address": "10.231.1.2", "key_path": "/k"}})
