@@ -275,7 +275,9 @@ def rotate(ctx: "Context", *, retire_old: bool = False, batch_size: int = BATCH_
                                                "key_ids": ring.ids}, lock=["db:fernet-keys"]) as op:
         with db.connect(ctx.settings.database, application_name=f"dn keys rotate {ctx.request_id}") as conn:
             res = reencrypt(conn, dm, ring, batch_size=batch_size, progress=progress)
-            op.args["reencrypted"] = res.reencrypted
+            # listed, not keyed by "table.column": the audit log redacts values under key-like names
+            op.args["reencrypted"] = [{"table": k.split(".")[0], "column": k.split(".")[1], "values": n}
+                                      for k, n in res.reencrypted.items()]
             if retire_old:
                 res.retired = retire(conn, dm, ring)
                 op.args["retired_key_ids"] = res.retired
