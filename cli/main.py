@@ -23,6 +23,7 @@ from dn.errors import DnError, ExitCode
 # `dn --help` and `dn <noun> --help` stay fast. (name, module, one-line help)
 NOUNS: list[tuple[str, str, str]] = [
     ("doctor", "cli.doctor", "Check every prerequisite and say how to fix what is missing."),
+    ("health", "cli.health", "Health check of every active tenant (run every 60 s by the host's timer)."),
     ("runbook", "cli.runbook", "Runbooks: incident response, key compromise, passphrase loss."),
     ("audit", "cli.audit", "The audit log of privileged actions: show, verify, prune."),
     ("db", "cli.db", "The platform database: schema migrations and status."),
