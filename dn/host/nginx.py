@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dn.errors import OperationFailed
+from dn.host.files import drop_stale_backups
 from dn.host.plan import Applied, ApplyRefused, Change, Plan, Progress, digest, file_changes, no_progress
 from dn.models import HostBaseline, TenantSpec
 from dn.render import nginx as rn
@@ -344,6 +345,7 @@ def apply(session: Session, host: HostBaseline, unit: Unit, the_plan: Plan,
         s.remove(marker)
     else:
         s.install_file(marker, (unit.digest + "\n").encode(), mode=0o644, keep_previous=False)
+    drop_stale_backups(s, unit.files)
     progress("done")
     return done
 

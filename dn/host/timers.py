@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dn.config import ScheduleConfig
+from dn.host.files import drop_stale_backups
 from dn.host.plan import Applied, ApplyRefused, Change, Plan, Progress, file_changes, no_progress
 from dn.models import HostBaseline, TenantSpec
 from dn.render import systemd as rs
@@ -165,6 +166,7 @@ def apply(session: "Session", host: HostBaseline, ts: TimerSet, the_plan: Plan, 
     for t in the_plan.targets("enable"):
         progress("enable")
         s.run(["systemctl", "enable", "--now", t])
+    drop_stale_backups(s, ts.files)
     progress("done")
     return done
 

@@ -5,8 +5,8 @@ of the sandbox, to stand-in sGTM containers on each tenant's Docker network (cre
 docker CLI over SSH, bridge named as dn names it, ICC off). Certificates are self-signed (made
 with the cryptography package) and installed into the host's cert dir by the tests.
 
-The module leaves the sandbox's nginx as it found it: vhosts removed, the previous main config
-put back and loaded.
+The module removes its vhosts, containers and certificates afterwards; dn's base config stays
+(it is what ``dn host up`` puts on the host, and other sessions may serve vhosts on it).
 
 Helpers here (``Tenants``, ``https``, ``kill_session`` ...) are also used by test_host_faults.py
 and bench/ratelimit.py.
@@ -205,10 +205,9 @@ def served(t: TenantSpec, tenants: Tenants, path: str = "/healthz") -> bool:
 
 @pytest.fixture(scope="module")
 def nginx_env(sandbox) -> Iterator[Env]:
+    """dn's base config on the sandbox host (it stays: it is what ``dn host up`` puts there, and
+    other test sessions may be serving their own vhosts on it), two tenants, and their removal."""
     host = sandbox_host(sandbox)
-    main = host.path(rn.NGINX_CONF)
-    with ssh.connect(sandbox.host) as s:
-        original = s.read_file(main) if s.exists(main) else None
     tenants = Tenants(sandbox, host)
     try:
         a = tenants.add(tenant("nga", "10.210.10.0/28"))
@@ -224,16 +223,6 @@ def nginx_env(sandbox) -> Iterator[Env]:
         with ssh.connect(sandbox.host) as s:
             for t in tenants.made:
                 hn.remove_vhost(s, host, t)
-            if original is not None:
-                s.install_file(main, original, keep_previous=False)
-            for p in (*hn.base_unit(host).files, hn.marker_path(host, hn.BASE),
-                      host.path("/etc/nginx/.nginx.conf.dn-prev")):
-                if p != main:
-                    s.remove(p)
-            if hn.read(s, host, hn.base_unit(host)).master:
-                s.run(rn.control_argv(host, "reload"))
-            else:
-                s.run(rn.control_argv(host))
         tenants.cleanup()
 
 
