@@ -184,9 +184,7 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what
     if key not in data or data[key] is None:
         raise InvalidInput(key, "is required")
     v = data[key]
-    if isinstance(v, bool) and kind is not bool and (kind is int or kind == (int, float)):
-        raise InvalidInput(key, f"must be {what}, not a boolean")
-    if not isinstance(v, kind):
+    if isinstance(v, bool) or not isinstance(v, kind):  # no input of dn's is a boolean here
         raise InvalidInput(key, f"must be {what}")
     return v
 
@@ -964,7 +962,8 @@ def ensure_network(s: "Session", spec: NetworkSpec, progress: Progress = no_prog
             raise OperationFailed(
                 f"{s.where}: docker network {spec.name} exists but differs: "
                 + "; ".join(f"{c.target}: {c.reason}" for c in plan.changes),
-                hint="if it is dn's, replace it (dn tenant up replaces it); otherwise remove it by hand",
+                hint="a network of dn's that drifted is replaced by the tenant stack's next update (refresh first); "
+                     "anything else: remove or rename it by hand",
                 where=spec.tenant)
         return plan, live
     progress("create")

@@ -85,7 +85,7 @@ def test_network_spec_rejects(over, field, rule):
     ({"memory_mb": "512"}, "memory_mb", "integer"),
     ({"memory_mb": True}, "memory_mb", "integer"),
     ({"memory_mb": 64.5}, "memory_mb", "integer"),
-    ({"cpus": True}, "cpus", "not a boolean"),
+    ({"cpus": True}, "cpus", "must be a number"),
     ({"memory_mb": 8}, "memory_mb", "16..262144"),
     ({"cpus": 0}, "cpus", "0.01..64"),
     ({"cpus": 0.1234}, "cpus", "3 decimals"),
