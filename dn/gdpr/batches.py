@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from dn.errors import OperationFailed
-from dn.gdpr.sqlgen import Condition, batch_delete_sql
+from dn.gdpr.sqlgen import Condition, batch_delete_sql, ident
 
 if TYPE_CHECKING:
     from dn.db import Connection
@@ -22,6 +22,7 @@ BATCH_ROWS = 5000
 LOCK_TIMEOUT_MS = 2000
 LOCK_RETRIES = 5
 LOCK_NOT_AVAILABLE = "55P03"
+EMPTY_ROUNDS = 50
 
 
 @dataclass
@@ -49,8 +50,9 @@ def delete_in_batches(conn: "Connection", table: str, cond: Condition, *, batch_
     called after each committed batch with the running stats and that batch's row count.
     """
     sql, params = batch_delete_sql(table, cond, batch_size)
+    exists_sql = f"SELECT EXISTS (SELECT 1 FROM {ident(table)} WHERE {cond.sql})"
     stats = BatchStats(table)
-    failures = 0
+    failures = empty = 0
     while True:
         started = time.monotonic()
         try:
@@ -73,7 +75,17 @@ def delete_in_batches(conn: "Connection", table: str, cond: Condition, *, batch_
         elapsed = (time.monotonic() - started) * 1000
         failures = 0
         if n <= 0:
-            return stats
+            # A row updated by another session while this batch waited for it keeps its old
+            # ctid in the batch and is skipped; it is still there for the next batch.
+            if not conn.execute(exists_sql, params).fetchone()[0]:
+                return stats
+            empty += 1
+            if empty > EMPTY_ROUNDS:
+                raise OperationFailed(f"deleting from {table}: the remaining rows change under every batch",
+                                      hint="stop whatever writes them and rerun the same command", where="database")
+            sleep(0.05)
+            continue
+        empty = 0
         stats.deleted += n
         stats.batches += 1
         stats.total_ms += elapsed

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
+from dn.errors import DnError
 from dn.gdpr import datamap as dmap
 from dn.gdpr.batches import BATCH_ROWS, delete_in_batches
 from dn.gdpr.sqlgen import Condition, column, ident
@@ -91,10 +92,12 @@ class Result:
     now: str
     dry_run: bool
     tables: list[TableResult] = field(default_factory=list)
+    errors: list[DnError] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"now": self.now, "dry_run": self.dry_run, "tables": [t.to_dict() for t in self.tables],
-                "deleted": sum(t.deleted for t in self.tables), "expired": sum(t.expired for t in self.tables)}
+                "deleted": sum(t.deleted for t in self.tables), "expired": sum(t.expired for t in self.tables),
+                "errors": [str(e) for e in self.errors]}
 
 
 def enforce(ctx: "Context", conn: "Connection", *, dry_run: bool = False, batch_size: int = BATCH_ROWS,
@@ -108,9 +111,16 @@ def enforce(ctx: "Context", conn: "Connection", *, dry_run: bool = False, batch_
         dmap.require_coverage(dm, dmap.read_catalog(conn), "to enforce retention")
         now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
     result = Result(now.isoformat(), dry_run)
-    for rule in rules(dm, ctx.settings.retention, now):
+    # The audit log goes last: a refused prune (a chain that does not verify is an incident)
+    # must not keep expired personal data in the other tables.
+    for rule in sorted(rules(dm, ctx.settings.retention, now), key=lambda r: r.enforced_by is not None):
         if rule.enforced_by == "audit prune":
-            pr = audit.prune(ctx, ctx.settings.retention.audit_days, dry_run=dry_run)
+            try:
+                pr = audit.prune(ctx, ctx.settings.retention.audit_days, dry_run=dry_run)
+            except DnError as e:
+                result.errors.append(e)
+                progress(f"{rule.table}: not pruned: {e.message}")
+                continue
             result.tables.append(TableResult(rule.table, rule.data_class, rule.period, pr.cutoff.isoformat(),
                                              pr.count, 0 if dry_run else pr.count, enforced_by=rule.enforced_by))
             progress(f"{rule.table}: {pr.count} entries older than {rule.period} "
@@ -138,9 +148,14 @@ def run(ctx: "Context", *, dry_run: bool = False, batch_size: int = BATCH_ROWS,
 
     if dry_run:
         with db.connect(ctx.settings.database, application_name="dn retention enforce --dry-run") as conn:
-            return enforce(ctx, conn, dry_run=True, batch_size=batch_size, progress=progress)
+            res = enforce(ctx, conn, dry_run=True, batch_size=batch_size, progress=progress)
+        if res.errors:
+            raise res.errors[0]
+        return res
     with audit.privileged(ctx, "retention enforce", {}, lock=["db:retention"]) as op:
         with db.connect(ctx.settings.database, application_name=f"dn retention enforce {ctx.request_id}") as conn:
             res = enforce(ctx, conn, batch_size=batch_size, progress=progress)
         op.args["deleted"] = {t.table: t.deleted for t in res.tables}
+        if res.errors:  # the other tables were enforced; the run still fails, audited as such
+            raise res.errors[0]
     return res

@@ -127,3 +127,22 @@ def test_cli_enforce_json(dn_settings, dn_cli_env):
     r = subprocess.run([dn, "retention", "enforce"], env=dn_cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "events" in r.stdout and "41 deleted" in r.stdout
+
+
+def test_a_tampered_audit_log_fails_the_run_but_expired_data_still_goes(dn_settings, dn_ctx, pg_super):
+    from dn import audit, db
+    from tests.fixtures.postgres import tampering
+
+    with db.connect(dn_settings.database) as conn:
+        _edges(conn, _tenant(conn, "ret-tamper"))
+        for i in range(3):
+            audit.record(dn_ctx, "test op", {"i": i}, conn=conn)
+    with tampering(pg_super):
+        pg_super.execute("UPDATE audit_log SET command = 'something else' WHERE seq = 2")
+    with pytest.raises(PolicyViolation, match="does not verify"):
+        retention.run(dn_ctx)
+    with db.connect(dn_settings.database) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2  # fresh + inside
+        assert conn.execute("SELECT count(*) FROM audit_log WHERE seq <= 3").fetchone()[0] == 3
+        last = conn.execute("SELECT command, outcome, args FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    assert last[0] == "retention enforce" and last[1] == "failed" and last[2]["deleted"]["events"] == 41

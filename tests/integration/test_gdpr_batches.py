@@ -1,0 +1,71 @@
+"""Batched deletes against the real database: a row updated by another session while a batch
+waits for it is not left behind; a row lock held longer than the lock timeout fails the run
+with a clear message after its retries."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dn.errors import OperationFailed
+from dn.gdpr.batches import delete_in_batches
+from dn.gdpr.sqlgen import Condition
+
+pytestmark = [pytest.mark.postgres]
+
+
+def _setup(conn, n: int) -> int:
+    tid = conn.execute("INSERT INTO tenants (slug, display_name, host) VALUES ('batch-t', 'b', 'test-eu1') "
+                       "RETURNING id").fetchone()[0]
+    conn.execute("INSERT INTO events (tenant_id, event_name) SELECT %s, 'e' FROM generate_series(1, %s)", (tid, n))
+    return tid
+
+
+def _wait_blocked(conn, app: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        (app,)).fetchone()[0]:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the batch never waited for the row lock")
+
+
+def test_a_row_updated_while_its_batch_waits_is_deleted_by_a_later_batch(dn_settings):
+    from dn import db
+
+    with db.connect(dn_settings.database) as conn, db.connect(dn_settings.database) as other, \
+            db.connect(dn_settings.database, application_name="dn batch test") as work:
+        tid = _setup(conn, 1)
+        other.execute("BEGIN")
+        other.execute("UPDATE events SET event_name = 'touched' WHERE tenant_id = %s", (tid,))
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "stats", delete_in_batches(work, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=10)))
+        t.start()
+        _wait_blocked(conn, "dn batch test")
+        other.execute("COMMIT")
+        t.join(30)
+        assert result["stats"].deleted == 1
+        assert conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tid,)).fetchone()[0] == 0
+
+
+def test_a_lock_held_past_the_timeout_fails_after_retries(dn_settings):
+    from dn import db
+
+    with db.connect(dn_settings.database) as conn, db.connect(dn_settings.database) as other, \
+            db.connect(dn_settings.database) as work:
+        tid = _setup(conn, 20)
+        other.execute("BEGIN")
+        other.execute("SELECT * FROM events WHERE tenant_id = %s FOR UPDATE", (tid,))
+        waits = []
+        try:
+            with pytest.raises(OperationFailed, match="rows stayed locked by another session for 3 attempts of 100 ms"):
+                delete_in_batches(work, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=5,
+                                  lock_timeout_ms=100, lock_retries=2, sleep=waits.append)
+        finally:
+            other.execute("ROLLBACK")
+        assert len(waits) == 2
+        stats = delete_in_batches(work, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=5)
+        assert (stats.deleted, stats.batches) == (20, 4)
