@@ -204,8 +204,8 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     except auto_errors.ConcurrentUpdateError:
         raise Locked(
             f"{op}: another update holds the stack's lock",
-            hint="wait for it to finish; if none is running (a crashed run), `pulumi cancel` with dn's "
-                 "engine environment removes the stale lock",
+            hint=f"wait for it to finish; if none is running (a crashed run), `pulumi cancel --yes "
+                 f"--stack {stack_name}` with dn's engine environment removes the stale lock",
             where=where,
         ) from None
     except auto_errors.StackNotFoundError:

@@ -405,6 +405,7 @@ def go_build_command(
         raise SourceUnavailable("no Go toolchain: install Go 1.21 or newer (newer toolchains then come "
                                 "from the module proxy by themselves, GOTOOLCHAIN=auto)")
     tag = f"v{bc.version}"
+    bc.log(f"building {package}@{tag} from the Go module proxy (minutes, the first time on a machine)")
     env = go_env(bc.environ)
     work = Path(tempfile.mkdtemp(prefix="dn-go-build-"))
     log_file = bc.staging / "build.log"
@@ -439,7 +440,6 @@ def go_build_command(
 
 
 def from_go_build(bc: BuildContext) -> dict:
-    bc.log(f"building pulumi v{bc.version} from the Go module proxy (takes a while the first time)")
     t0 = time.monotonic()
     res = go_build_command(bc, module=PKG_MODULE, package=CLI_PACKAGE, output=bc.bin / "pulumi",
                            pin_modules=[PKG_MODULE, SDK_MODULE])
@@ -616,8 +616,9 @@ def _describe(prov: Provisioning, env: Mapping[str, str], pulumi_home: Path | No
     cli = bin_dir / "pulumi"
     got = binary_version(cli) if cli.exists() else None
     src = manifest.get("pulumi", {})
-    how_cli = ("run `dn setup` (builds it from the Go module proxy: needs Go 1.21+), or put pulumi "
-               f"v{version} on PATH, or set DN_TOOLS_DIR to a tools dir that has it")
+    how_cli = (f"run `dn setup`: it takes pulumi v{version} from PATH, else the official installer (needs "
+               "internet), else builds it from the Go module proxy (needs Go 1.21+ on PATH); or set "
+               "DN_TOOLS_DIR to a tools dir that has it")
     prov.tools.append(ToolStatus(
         name="pulumi", required=True, present=got == version, path=str(cli) if cli.exists() else None,
         version=got, source=src.get("source"), detail=src.get("detail"),
