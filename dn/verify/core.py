@@ -54,7 +54,14 @@ class Claim:
 
 
 class Unknown(Exception):
-    """Raised by a check that could not look (the message is the reason, without secrets)."""
+    """Raised by a check that could not look (the message is the reason, without secrets).
+
+    ``evidence`` keeps what the check did see before it had to stop (trimmed like any evidence).
+    """
+
+    def __init__(self, reason: str, evidence: Iterable[str] = ()) -> None:
+        super().__init__(reason)
+        self.evidence = list(evidence)
 
 
 def trim(lines: Iterable[str], limit: int = EVIDENCE_LIMIT) -> list[str]:
@@ -64,23 +71,47 @@ def trim(lines: Iterable[str], limit: int = EVIDENCE_LIMIT) -> list[str]:
     return out
 
 
-def run_checks(claims: list[Claim], probe: Any, only: str | None = None) -> list[Result]:
-    if only is not None and only not in {c.id for c in claims}:
-        raise InvalidInput("--check", f"no check {only!r}; known: {', '.join(c.id for c in claims)}")
+def select(claims: list[Claim], only: str | Iterable[str] | None = None) -> list[Claim]:
+    """The claims to run: all, or those named (``--check``), in the claims' own order.
+
+    Unknown ids are refused (InvalidInput naming ``--check`` and the known ids)."""
+    if only is None:
+        return list(claims)
+    wanted = [only] if isinstance(only, str) else list(only)
+    if not wanted:
+        return list(claims)
+    known = [c.id for c in claims]
+    for w in wanted:
+        if w not in known:
+            raise InvalidInput("--check", f"no check {w!r}; known: {', '.join(known)}")
+    return [c for c in claims if c.id in wanted]
+
+
+def run_checks(claims: list[Claim], probe: Any, only: str | Iterable[str] | None = None,
+               on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run the (selected) checks in order; a check that cannot look is UNKNOWN with its reason.
+
+    A check never stops the run: a DnError or any unexpected exception becomes UNKNOWN with a
+    one-line reason (no traceback, trimmed), and the next check runs.
+    """
     results = []
-    for c in claims:
-        if only is not None and c.id != only:
-            continue
+    for c in select(claims, only):
         t = time.monotonic()
         try:
             status, evidence = c.fn(probe)
             r = Result(c.id, c.claim, c.method, status, trim(evidence))
         except Unknown as e:
-            r = Result(c.id, c.claim, c.method, Status.UNKNOWN, [], reason=str(e)[:300])
+            r = Result(c.id, c.claim, c.method, Status.UNKNOWN, trim(e.evidence), reason=str(e)[:300])
         except DnError as e:
             r = Result(c.id, c.claim, c.method, Status.UNKNOWN, [], reason=str(e)[:300])
+        except Exception as e:  # one broken check must not hide the others' evidence
+            first = (str(e).splitlines() or [""])[0][:200]
+            r = Result(c.id, c.claim, c.method, Status.UNKNOWN, [],
+                       reason=f"unexpected error in the check: {type(e).__name__}: {first}")
         r.seconds = round(time.monotonic() - t, 3)
         results.append(r)
+        if on_result is not None:
+            on_result(r)
     return results
 
 
