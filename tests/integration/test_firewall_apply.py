@@ -5,7 +5,8 @@ names them) try to reach each other and the host's services; a port-range probe 
 namespace checks what answers on 10.231.1.2, from an address that is not an admin source and from
 one that is. Failed applies are compared with ``iptables-save`` taken before (counters ignored).
 
-The module restores the sandbox's filter tables exactly as it found them.
+Afterwards the module removes its tenants' chains, containers and networks; dn's baseline stays
+(it is what ``dn host up`` puts on the host, and other sessions sharing the sandbox rely on it).
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ class FwEnv:
 
 @pytest.fixture(scope="module")
 def fw_env(sandbox) -> Iterator[FwEnv]:
-    snapshot = {f: save(sandbox, f) for f in fw.FAMILIES}
     host = HostBaseline.from_settings(sandbox.settings, tenant_host_services=(f"tcp/{ALLOWED_SERVICE}",))
     tenants = Tenants(sandbox, host)
     listeners = [
@@ -74,10 +74,11 @@ def fw_env(sandbox) -> Iterator[FwEnv]:
         for p in listeners:
             p.terminate()
             p.wait(timeout=10)
+        with ssh.connect(sandbox.host) as s:
+            for t in tenants.made:
+                fw.remove_tenant(s, host, t)
+            fw.converge_baseline(s, host)
         tenants.cleanup()
-        for f in fw.FAMILIES:
-            sandbox.ns_exec([fw.RESTORE[f], "-w"], input=fw.filter_section(snapshot[f]).encode())
-        assert rules_now(sandbox) == {f: fw.normalized(snapshot[f]) for f in fw.FAMILIES}
 
 
 # --------------------------------------------------------------------------- in place, once
@@ -229,6 +230,13 @@ def test_an_apply_that_would_cut_off_admin_ssh_is_refused(fw_env, sandbox):
 # --------------------------------------------------------------------------- removal (last: it undoes the setup)
 
 
+def foreign_tenants(sandbox, mine) -> list[str]:
+    """Tenant chains of other sessions sharing the sandbox (their tests may run right now)."""
+    v4 = parse_save(save(sandbox, 4))["filter"]
+    ours = {c for t in mine for c in (t.chain_forward, t.chain_input)}
+    return [c for c in v4.policies if c.startswith(("DN-T-", "DN-TI-")) and c not in ours]
+
+
 def test_removal_of_tenants_then_baseline(fw_env, sandbox):
     host, a, b = fw_env.host, fw_env.a, fw_env.b
     with ssh.connect(sandbox.host) as s:
@@ -241,8 +249,13 @@ def test_removal_of_tenants_then_baseline(fw_env, sandbox):
         assert a.chain_forward in v4.policies and v4.count(TENANTS_FWD, ("-i", a.bridge, "-j", a.chain_forward)) == 1
         assert fw.remove_tenant(s, host, b).empty
         fw.remove_tenant(s, host, a)
-        fw.remove_baseline(s, host)
-    for family in fw.FAMILIES:
-        t = parse_save(save(sandbox, family))["filter"]
-        assert t.policies["INPUT"] == "ACCEPT"
-        assert not [c for c in t.policies if c.startswith("DN-")]
+        if foreign_tenants(sandbox, (a, b)):
+            pytest.skip("another session's tenant chains are hooked in the shared sandbox: the baseline stays")
+        try:
+            fw.remove_baseline(s, host)
+            for family in fw.FAMILIES:
+                t = parse_save(save(sandbox, family))["filter"]
+                assert t.policies["INPUT"] == "ACCEPT"
+                assert not [c for c in t.policies if c.startswith("DN-")]
+        finally:
+            fw.converge_baseline(s, host)  # back in place for whoever uses the sandbox next

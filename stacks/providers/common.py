@@ -1,0 +1,125 @@
+"""What the host-resource providers share: their inputs, the SSH session, check failures.
+
+Conventions of every provider in this package (the engine pickles providers with dill and runs
+them in its own process, ``python -m pulumi.dynamic``):
+
+- A provider holds no state: no connection, no key. Each method opens its own SSH session from
+  the ``ssh`` input, plain data (``stacks.programs.ssh_target_data``: address, port, user, key
+  path, pinned host key or known_hosts path, timeouts). A change of ``ssh`` alone is not a change
+  of the resource.
+- ``host`` is a ``HostBaseline`` as JSON data (``model_dump(mode="json")``, prefix included);
+  ``tenant`` a tenant's host view (``dn.models.host_view_data``: no ``container_config``).
+- ``check`` validates with dn.models and reports the failing input and rule; ``diff`` compares
+  what the new inputs render with what the last create, update or refresh recorded (dynamic
+  resources get no detailed diff from the engine); ``create``/``update`` return the inputs in
+  their outputs, plus what they observed; ``read`` reports what the host has, so a refresh shows
+  drift and the next ``up`` repairs it; a resource that is gone reads as ``id None``.
+- Secrets: dynamic providers do not accept secrets (``Configure`` answers ``acceptSecrets:
+  False``), so the engine hands a secret input over in plain text and marks as secret only the
+  outputs whose names match secret inputs. A secret input is therefore never returned: outputs
+  carry a fingerprint of it instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from pulumi.dynamic import CheckFailure
+from pulumi.runtime.rpc import UNKNOWN
+
+from dn.errors import DnError, InvalidInput
+
+SSH_FIELDS = ("address", "port", "user", "key_path", "host_key", "known_hosts", "connect_timeout", "command_timeout")
+SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's "special signature" key
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"  # ... and its value for a secret
+
+
+def has_unknown(value: Any) -> bool:
+    """Whether ``value`` holds a value the engine does not know yet (during a preview)."""
+    if isinstance(value, str):
+        return value == UNKNOWN
+    if isinstance(value, Mapping):
+        return any(has_unknown(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_unknown(v) for v in value)
+    return False
+
+
+def reveal(value: Any) -> Any:
+    """The plain value of a secret input, however it arrives (plain, or wrapped as a secret)."""
+    if isinstance(value, Mapping) and value.get(SECRET_SIG_KEY) == SECRET_SIG:
+        return value.get("value")
+    return value
+
+
+def target(props: Mapping[str, Any]):
+    """The ``ssh`` input as an SSHTarget (InvalidInput naming ``ssh.<field>``)."""
+    from pydantic import ValidationError
+
+    from dn.config import SSHTarget
+    from dn.models import invalid_from
+
+    data = props.get("ssh")
+    if not isinstance(data, Mapping):
+        raise InvalidInput("ssh", "is required: the host's SSH target as plain data (stacks.programs.ssh_target_data)")
+    try:
+        return SSHTarget.model_validate({k: v for k, v in data.items() if k in SSH_FIELDS and v is not None})
+    except ValidationError as e:
+        raise invalid_from(e, "ssh.") from None
+
+
+def session(props: Mapping[str, Any]):
+    """A new SSH session to the host of ``props`` (close it: use ``with``)."""
+    from dn import ssh
+
+    return ssh.connect(target(props))
+
+
+def host(props: Mapping[str, Any]):
+    from dn.models import parse_host
+
+    data = props.get("host")
+    if not isinstance(data, Mapping):
+        raise InvalidInput("host", "is required: the host baseline as data (HostBaseline.model_dump(mode='json'))")
+    return parse_host(data)
+
+
+def tenant(props: Mapping[str, Any]):
+    from dn.models import check_tenant_set, parse_tenant
+
+    data = props.get("tenant")
+    if not isinstance(data, Mapping):
+        raise InvalidInput("tenant", "is required: the tenant's host view (dn.models.host_view_data)")
+    try:
+        spec = parse_tenant(data, host_view=True)
+    except InvalidInput as e:
+        raise InvalidInput(f"tenant.{e.field}", e.rule) from None
+    if isinstance(props.get("host"), Mapping):
+        check_tenant_set([spec], host(props))
+    return spec
+
+
+def failures(props: Mapping[str, Any], *checks: Callable[[Mapping[str, Any]], Any]) -> list[CheckFailure]:
+    """Run ``checks`` on ``props``; each refusal becomes a CheckFailure naming the top-level input."""
+    out = []
+    for check in checks:
+        try:
+            check(props)
+        except InvalidInput as e:
+            out.append(CheckFailure(e.field.split(".")[0].split("[")[0], str(e)))
+        except DnError as e:
+            out.append(CheckFailure("", str(e)))
+    return out
+
+
+def inputs(props: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The inputs worth returning in outputs: all but ``drop`` (secrets, previous outputs) and
+    the engine's own ``__provider``."""
+    skip = set(drop) | {"__provider"}
+    return {k: v for k, v in props.items() if k not in skip}
+
+
+def same_place(olds: Mapping[str, Any], news: Mapping[str, Any]) -> bool:
+    """Whether old outputs and new inputs name the same host prefix (files live under it)."""
+    old_host, new_host = olds.get("host") or {}, news.get("host") or {}
+    return old_host.get("prefix", "/") == new_host.get("prefix", "/")
