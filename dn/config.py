@@ -20,7 +20,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -274,15 +274,17 @@ class Settings(Strict):
             raise InvalidInput("plan", f"unknown plan {name!r}; configured: {', '.join(sorted(self.plans))}") from None
 
 
-def default_data_dir() -> Path:
-    if os.environ.get("DN_HOME"):
-        return Path(os.environ["DN_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get("DN_HOME"):
+        return Path(env["DN_HOME"])
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "dn"
 
 
-def default_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "dn" / "config.toml"
 
 
@@ -370,8 +372,8 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     """Load and validate the settings. Raises ConfigError naming the file, key and rule."""
     environ = dict(os.environ if environ is None else environ)
     explicit = path or (Path(environ["DN_CONFIG"]) if environ.get("DN_CONFIG") else None)
-    cfg_path = explicit or default_config_path()
-    data_dir = Path(environ["DN_HOME"]) if environ.get("DN_HOME") else default_data_dir()
+    cfg_path = explicit or default_config_path(environ)
+    data_dir = default_data_dir(environ)
     if cfg_path.exists():
         try:
             data = tomllib.loads(cfg_path.read_text())

@@ -78,3 +78,12 @@ def test_broken_toml_and_missing_explicit_file(tmp_path):
         load_settings(p, {})
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "absent.toml", {})
+
+
+def test_default_locations_come_from_the_given_environment(tmp_path):
+    cfg_home = tmp_path / "xdg"
+    (cfg_home / "dn").mkdir(parents=True)
+    (cfg_home / "dn" / "config.toml").write_text(GOOD)
+    s = load_settings(None, {"XDG_CONFIG_HOME": str(cfg_home), "XDG_DATA_HOME": str(tmp_path / "data")})
+    assert s.source == str(cfg_home / "dn" / "config.toml")
+    assert s.data_dir == tmp_path / "data" / "dn"
