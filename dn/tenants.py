@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import os
-import secrets
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,7 +60,6 @@ SETTING_PREFIX = "dn."
 SPEC_KEYS = ("domains", "image", "subnet", "backup_schedule", "preview", "allow_wildcard")
 CONFIG_CONTAINER = "dn:containerConfig"
 CONFIG_LUKS = "dn:luksKey"
-LUKS_KEY_BYTES = 64  # the LUKS keyslot passphrase: 512 random bits
 HOST_STACK_PREFIX = "host--"
 SUBNET_PREFIX = 28  # 16 addresses: gateway, tagging, preview and room for more servers
 # Registry statuses -> what the host serves (dn.models.TenantStatus).
@@ -385,12 +383,13 @@ def _policy_args(settings: "Settings") -> dict[str, Any]:
 
 
 def tenant_stack(settings: "Settings", spec: TenantSpec, others: Sequence[TenantRecord],
-                 environ: Mapping[str, str] | None = None):
+                 environ: Mapping[str, str] | None = None, *, host: str):
     """The tenant's stack with its inline program (created on first use)."""
     from dn import engine
     from stacks import programs
 
-    program = programs.tenant_program(programs.tenant_inputs(settings, spec, [o.host_view(settings) for o in others]))
+    program = programs.tenant_program(programs.tenant_inputs(
+        settings, spec, [o.host_view(settings) for o in others], host, environ=environ))
     return engine.stack(settings, spec.slug, program, environ=environ, extra_env=programs.provider_env())
 
 
@@ -445,7 +444,9 @@ def ensure_secrets(settings: "Settings", st: Any, container_config: str | None) 
     keys = _stack_config_keys(settings, st.name)
     written = []
     if CONFIG_LUKS not in keys:
-        set_secret_config(st, CONFIG_LUKS, base64.b64encode(secrets.token_bytes(LUKS_KEY_BYTES)).decode())
+        from dn.host.luks import new_key  # 64 bytes from secrets.token_bytes
+
+        set_secret_config(st, CONFIG_LUKS, base64.b64encode(new_key()).decode())
         written.append(CONFIG_LUKS)
     if container_config is not None:
         set_secret_config(st, CONFIG_CONTAINER, container_config)
@@ -554,7 +555,7 @@ def create(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
             if plan.action == "create":
                 _insert(conn, plan)
             op.args["plan_action"] = plan.action
-        st = tenant_stack(settings, plan.spec, plan.others, ctx.environ)
+        st = tenant_stack(settings, plan.spec, plan.others, ctx.environ, host=plan.host.name)
         op.args["secrets_written"] = ensure_secrets(settings, st, _read_container_config(req))
         result = run_stack(settings, st, "up", on_event=on_event)
         op.args["changes"] = result.changes
@@ -586,7 +587,7 @@ def update(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
                              (plan.spec.plan, plan.display_name,
                               req.status if req.status is not None else plan.before.status, plan.before.id))
                 _write_spec(conn, plan.before.id, plan.spec)
-        st = tenant_stack(settings, plan.spec, plan.others, ctx.environ)
+        st = tenant_stack(settings, plan.spec, plan.others, ctx.environ, host=plan.host.name)
         ensure_secrets(settings, st, _read_container_config(req))
         result = run_stack(settings, st, "up", on_event=on_event)
         op.args["changes"] = result.changes
@@ -687,7 +688,7 @@ def destroy(ctx: "Context", slug: str, *, confirm: Callable[[TenantRecord, list[
             rec = require_tenant(conn, slug)
             _refuse_open_work(conn, rec)  # again under the lock
             others = [o for o in list_tenants(conn, host=rec.host) if o.slug != slug]
-        run = destroy_stack(ctx, spec, others, on_event=on_event)
+        run = destroy_stack(ctx, spec, others, host=rec.host, on_event=on_event)
         op.args["changes"] = run.changes if run else {}
         with connect(settings, "tenant destroy") as conn:
             registry = _unregister(conn, rec)
@@ -696,13 +697,18 @@ def destroy(ctx: "Context", slug: str, *, confirm: Callable[[TenantRecord, list[
 
 
 def destroy_stack(ctx: "Context", spec: TenantSpec, others: Sequence[TenantRecord], *,
-                  on_event: OnEvent | None = None) -> RunResult | None:
+                  host: str | None = None, on_event: OnEvent | None = None) -> RunResult | None:
     """Destroy and remove a tenant's stack, without locking or auditing: for callers that hold
-    the tenant's lock inside their own audited operation (the GDPR deletion workflow)."""
+    the tenant's lock inside their own audited operation (the GDPR deletion workflow). ``host``
+    defaults to the tenant's registered host."""
     settings = ctx.settings
     if not _stack_exists(settings, spec.slug):
         return None
-    st = tenant_stack(settings, spec, others, ctx.environ)
+    if host is None:
+        with connect(settings, "destroy stack") as conn:
+            rec = get_tenant(conn, spec.slug)
+        host = rec.host if rec is not None else settings.default_host
+    st = tenant_stack(settings, spec, others, ctx.environ, host=host)
     return run_stack(settings, st, "destroy", on_event=on_event)
 
 
@@ -763,7 +769,7 @@ def show(ctx: "Context", slug: str) -> dict[str, Any]:
         data["stack"] = {"name": slug, "exists": False}
         return data
     try:
-        data["stack"] = stack_info(settings, tenant_stack(settings, spec, others, ctx.environ))
+        data["stack"] = stack_info(settings, tenant_stack(settings, spec, others, ctx.environ, host=rec.host))
     except DnError as e:  # the registry answer is still worth showing
         data["stack"] = {"name": slug, "exists": True, "error": str(e)}
     return data
@@ -803,7 +809,7 @@ def open_target(ctx: "Context", t: Target, conn: "Connection"):
         return host_stack(settings, _host_of(settings, t.host), ctx.environ)
     rec = require_tenant(conn, t.name)
     others = [o for o in list_tenants(conn, host=rec.host) if o.slug != rec.slug]
-    return tenant_stack(settings, rec.host_view(settings), others, ctx.environ)
+    return tenant_stack(settings, rec.host_view(settings), others, ctx.environ, host=rec.host)
 
 
 def stack_name(t: Target) -> str:

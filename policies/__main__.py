@@ -22,8 +22,10 @@ _SCHEMAS = {
     "dn-allowed-registries": PolicyConfigSchema(properties={
         "allowedRegistries": {"type": "array", "items": {"type": "string"},
                               "default": list(v.DEFAULT_REGISTRIES)}}),
+    # the retention dn is configured with (settings.retention.backup_daily_days); the policy
+    # requires it to be at least 30 days, so a lower value is a violation, not a schema error
     "dn-backup-schedule": PolicyConfigSchema(properties={
-        "minRetentionDays": {"type": "integer", "minimum": v.MIN_RETENTION_DAYS, "default": v.MIN_RETENTION_DAYS}}),
+        "retentionDays": {"type": "integer", "default": v.MIN_RETENTION_DAYS}}),
 }
 
 
@@ -31,7 +33,7 @@ def _config(args: ResourceValidationArgs) -> v.Config:
     cfg = args.get_config() or {}
     return v.Config(
         allowed_registries=tuple(cfg.get("allowedRegistries") or v.DEFAULT_REGISTRIES),
-        min_retention_days=max(v.MIN_RETENTION_DAYS, int(cfg.get("minRetentionDays") or v.MIN_RETENTION_DAYS)),
+        retention_days=int(cfg.get("retentionDays", v.MIN_RETENTION_DAYS)),
     )
 
 

@@ -69,25 +69,40 @@ def _present(s: Any, dirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _ensure(s: Any, dirs: list[dict[str, Any]]) -> None:
+def _missing_parents(s: Any, path: str) -> list[str]:
+    out, cur = [], ""
+    for part in [p for p in path.split("/") if p]:
+        cur += "/" + part
+        if s.stat(cur) is None:
+            out.append(cur)
+    return out
+
+
+def _ensure(s: Any, dirs: list[dict[str, Any]]) -> list[str]:
+    """Create each directory with its mode; returns every directory created (parents too), so
+    a delete removes exactly what dn made."""
+    created: list[str] = []
     for d in dirs:
         mode = int(d["mode"], 8)
+        new = _missing_parents(s, d["path"])
         s.mkdir_p(d["path"], mode)
+        created += new
         st = s.stat(d["path"])
         if st is None or statmod.S_IMODE(st.st_mode or 0) != mode:
             s.run(["chmod", d["mode"], d["path"]])
+    return created
 
 
-def _remove(s: Any, dirs: list[dict[str, Any]]) -> list[str]:
+def _remove(s: Any, paths: list[str]) -> list[str]:
     """rmdir each (deepest first) when empty; returns those kept because they hold something."""
     kept = []
-    for d in sorted(dirs, key=lambda d: d["path"].count("/"), reverse=True):
-        if s.stat(d["path"]) is None:
+    for p in sorted(set(paths), key=lambda p: (p.count("/"), p), reverse=True):
+        if s.stat(p) is None:
             continue
-        if s.listdir(d["path"]):
-            kept.append(d["path"])
+        if s.listdir(p):
+            kept.append(p)
             continue
-        s.run(["rmdir", "--", d["path"]])
+        s.run(["rmdir", "--", p])
     return kept
 
 
@@ -96,8 +111,8 @@ class HostDirectoriesProvider(ResourceProvider):
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         with _session(props["ssh"]) as s:
-            _ensure(s, props["dirs"])
-        return CreateResult(id_=f"dirs:{props['host']}", outs=dict(props))
+            created = _ensure(s, props["dirs"])
+        return CreateResult(id_=f"dirs:{props['host']}", outs={**props, "created": created})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         changed = olds.get("dirs") != news.get("dirs") or olds.get("ssh") != news.get("ssh")
@@ -106,10 +121,13 @@ class HostDirectoriesProvider(ResourceProvider):
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         wanted = {d["path"] for d in news["dirs"]}
+        created = [p for p in olds.get("created", [])]
         with _session(news["ssh"]) as s:
-            _ensure(s, news["dirs"])
-            _remove(s, [d for d in olds.get("dirs", []) if d["path"] not in wanted])
-        return UpdateResult(outs=dict(news))
+            created += _ensure(s, news["dirs"])
+            gone = [d["path"] for d in olds.get("dirs", []) if d["path"] not in wanted]
+            _remove(s, gone)
+        keep = [p for p in dict.fromkeys(created) if p not in gone]
+        return UpdateResult(outs={**news, "created": keep})
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         with _session(props["ssh"]) as s:
@@ -118,7 +136,7 @@ class HostDirectoriesProvider(ResourceProvider):
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         with _session(props["ssh"]) as s:
-            kept = _remove(s, props["dirs"])
+            kept = _remove(s, [d["path"] for d in props["dirs"]] + list(props.get("created", [])))
         if kept:
             pulumi.log.warn(f"kept non-empty directories: {', '.join(kept)}")
 
@@ -131,3 +149,33 @@ class HostDirectories(Resource, module="dn", name="HostDirectories"):
     def __init__(self, name: str, *, host: str, ssh: dict[str, Any], dirs: list[dict[str, Any]],
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(HostDirectoriesProvider(), name, {"host": host, "ssh": ssh, "dirs": dirs}, opts)
+
+
+def host_baseline(inputs) -> dict[str, Any]:
+    """Declare the host baseline of ``inputs`` (``stacks.programs.HostInputs``): directories
+    first, then firewall, nginx main config and the host's timers; returns the resources."""
+    from dn.config import ScheduleConfig
+    from dn.preview import resource_name
+    from stacks.providers.firewall import FirewallBaseline
+    from stacks.providers.nginx import NginxBase
+    from stacks.providers.timers import SystemdTimer, host_units
+
+    host = inputs.baseline()
+    data = host.model_dump(mode="json")
+    dirs = HostDirectories(resource_name(host.name, "dirs"), host=host.name, ssh=inputs.ssh, dirs=host_dirs(host))
+    after_dirs = pulumi.ResourceOptions(depends_on=[dirs])
+    out: dict[str, Any] = {
+        "dirs": dirs,
+        "firewall": FirewallBaseline(resource_name(host.name, "firewall-baseline"), ssh=inputs.ssh, host=data,
+                                     opts=after_dirs),
+        "nginx": NginxBase(resource_name(host.name, "nginx-base"), ssh=inputs.ssh, host=data, opts=after_dirs),
+    }
+    schedules = ScheduleConfig.model_validate(inputs.schedules)
+    for unit in host_units(host, schedules):
+        out[unit] = SystemdTimer(resource_name(host.name, "timer", unit), ssh=inputs.ssh, host=data, unit=unit,
+                                 schedules=dict(inputs.schedules), opts=after_dirs)
+    pulumi.export("host", host.name)
+    pulumi.export("public_ports", list(host.public_ports))
+    pulumi.export("admin_sources", list(host.admin_sources))
+    pulumi.export("timers", [f"{u}.timer" for u in host_units(host, schedules)])
+    return out

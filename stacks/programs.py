@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from dn.models import HostBaseline, TenantSpec, host_view_data, parse_host, parse_tenant
+from dn.models import BRIDGE_PREFIX, HostBaseline, TenantSpec, host_view_data, parse_host, parse_tenant
 
 if TYPE_CHECKING:
     from dn.config import HostConfig, Settings
@@ -38,7 +38,7 @@ def policy_config(settings: "Settings") -> dict[str, Any]:
     return {
         "all": "mandatory",
         "dn-allowed-registries": {"allowedRegistries": list(settings.images.allowed_registries)},
-        "dn-backup-schedule": {"minRetentionDays": 30},
+        "dn-backup-schedule": {"retentionDays": settings.retention.backup_daily_days},
     }
 
 
@@ -67,7 +67,7 @@ def ssh_target_data(h: "HostConfig") -> dict[str, Any]:
     """The host's SSH target as plain data a dynamic provider carries (paths and the pinned key,
     never a key's content)."""
     return h.model_dump(mode="json", include={"address", "port", "user", "key_path", "host_key", "known_hosts",
-                                              "connect_timeout", "command_timeout"})
+                                              "connect_timeout", "command_timeout"}, exclude_none=True)
 
 
 def write_known_hosts(settings: "Settings", host_name: str) -> Path:
@@ -111,6 +111,7 @@ class TenantInputs:
     ssh: dict[str, Any]  # ssh_target_data
     docker_url: str
     known_hosts: str
+    docker_backend: str = "dn-ssh"
     other_bridges: tuple[str, ...] = ()
     backup_retention_days: int = 30
     schedules: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class TenantInputs:
 
 
 def tenant_inputs(settings: "Settings", spec: TenantSpec, others: Sequence[TenantSpec],
-                  host_name: str | None = None) -> TenantInputs:
+                  host_name: str | None = None, environ: Any = None) -> TenantInputs:
     name = host_name or settings.default_host
     h = settings.host(name)
     baseline = HostBaseline.from_settings(settings, name)
@@ -133,10 +134,46 @@ def tenant_inputs(settings: "Settings", spec: TenantSpec, others: Sequence[Tenan
         ssh=ssh_target_data(h),
         docker_url=h.docker_url,
         known_hosts=str(write_known_hosts(settings, name)),
-        other_bridges=tuple(sorted(o.bridge for o in others)),
+        docker_backend=docker_backend(settings, environ),
+        # dn's own bridges (dnt...) are all isolated by the chains' "dnt+" match; only bridges
+        # outside that scheme need naming
+        other_bridges=tuple(sorted({o.bridge for o in others if not o.bridge.startswith(BRIDGE_PREFIX)})),
         backup_retention_days=settings.retention.backup_daily_days,
         schedules=settings.schedules.model_dump(mode="json"),
     )
+
+
+def declare_tenant(inputs: TenantInputs) -> tuple[Any, dict[str, Any]]:
+    """Declare one tenant (the ``dn:tenant:Tenant`` component) in the running program; returns
+    the component and the stack outputs (no secret among them)."""
+    import pulumi
+
+    from stacks.tenant import DockerEndpoint, Tenant, TenantArgs
+
+    cfg = pulumi.Config()
+    spec = inputs.spec()
+    t = Tenant(TenantArgs(
+        spec=spec,
+        host=inputs.baseline(),
+        docker=DockerEndpoint(inputs.docker_url, inputs.ssh["key_path"], inputs.known_hosts),
+        container_config=cfg.require_secret("containerConfig"),
+        luks_key=cfg.require_secret("luksKey"),
+        ssh=dict(inputs.ssh),
+        docker_backend=inputs.docker_backend,
+        other_bridges=inputs.other_bridges,
+        backup_retention_days=inputs.backup_retention_days,
+        schedules=dict(inputs.schedules),
+    ))
+    outputs = {
+        "tenant": spec.slug,
+        "network": t.network.name,
+        "bridge": spec.bridge,
+        "subnet": spec.subnet,
+        "containers": [c.name for c in (t.tagging, t.preview) if c is not None],
+        "domains": list(spec.domains),
+        "docker_backend": inputs.docker_backend,
+    }
+    return t, outputs
 
 
 def tenant_program(inputs: TenantInputs) -> Callable[[], None]:
@@ -145,25 +182,80 @@ def tenant_program(inputs: TenantInputs) -> Callable[[], None]:
     def program() -> None:
         import pulumi
 
-        from stacks.tenant import DockerEndpoint, Tenant, TenantArgs
-
-        cfg = pulumi.Config()
-        spec = inputs.spec()
-        t = Tenant(TenantArgs(
-            spec=spec,
-            host=inputs.baseline(),
-            docker=DockerEndpoint(inputs.docker_url, inputs.ssh["key_path"], inputs.known_hosts),
-            container_config=cfg.require_secret("containerConfig"),
-            luks_key=cfg.require_secret("luksKey"),
-            other_bridges=inputs.other_bridges,
-            backup_retention_days=inputs.backup_retention_days,
-            ssh=inputs.ssh,
-        ))
-        pulumi.export("tenant", spec.slug)
-        pulumi.export("network", t.network.name)
-        pulumi.export("bridge", spec.bridge)
-        pulumi.export("subnet", spec.subnet)
-        pulumi.export("containers", [c.name for c in (t.tagging, t.preview) if c is not None])
-        pulumi.export("domains", list(spec.domains))
+        _t, outputs = declare_tenant(inputs)
+        for k, val in outputs.items():
+            pulumi.export(k, val)
 
     return program
+
+
+def tenant_host_resources(parent, args) -> dict[str, Any]:
+    """The tenant's host resources as children of its component (``parent``, a
+    ``stacks.tenant.Tenant`` whose network and containers exist): firewall chains after the
+    network whose bridge they match, the vhost after the containers it proxies to, the LUKS
+    volume with its key as a secret, the backup timer."""
+    import pulumi
+
+    from dn.preview import resource_name
+    from stacks.providers.firewall import TenantFirewall
+    from stacks.providers.luks import LuksVolume
+    from stacks.providers.nginx import NginxVhost
+    from stacks.providers.timers import SystemdTimer
+
+    spec = args.spec
+    host = args.host.model_dump(mode="json")
+    tenant = host_view_data(spec)
+    child = pulumi.ResourceOptions(parent=parent)
+    servers = [c for c in (parent.tagging, parent.preview) if c is not None]
+    return {
+        "firewall": TenantFirewall(
+            resource_name(spec.slug, "firewall"), ssh=args.ssh, host=host, tenant=tenant,
+            other_bridges=list(args.other_bridges),
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[parent.network]))),
+        "vhost": NginxVhost(
+            resource_name(spec.slug, "nginx-vhost"), ssh=args.ssh, host=host, tenant=tenant,
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=servers))),
+        "volume": LuksVolume(
+            resource_name(spec.slug, "luks-volume"), ssh=args.ssh, host=host, tenant=tenant,
+            key=pulumi.Output.secret(args.luks_key), opts=child),
+        "backup_timer": SystemdTimer(
+            resource_name(spec.slug, "backup-timer"), ssh=args.ssh, host=host, unit=spec.backup_unit,
+            tenant=tenant, schedules=dict(args.schedules), opts=child),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# host baseline stacks
+
+
+@dataclass(frozen=True)
+class HostInputs:
+    host: dict[str, Any]  # the HostBaseline
+    ssh: dict[str, Any]
+    schedules: dict[str, Any]
+
+    def baseline(self) -> HostBaseline:
+        return parse_host(self.host)
+
+
+def host_inputs(settings: "Settings", host: HostBaseline) -> HostInputs:
+    return HostInputs(host=host.model_dump(mode="json"), ssh=ssh_target_data(settings.host(host.name)),
+                      schedules=settings.schedules.model_dump(mode="json"))
+
+
+def host_program(inputs: HostInputs) -> Callable[[], None]:
+    """The program of one host baseline stack (see ``stacks/host.py``)."""
+
+    def program() -> None:
+        from stacks.host import host_baseline
+
+        host_baseline(inputs)
+
+    return program
+
+
+def docker_backend(settings: "Settings", environ: Any = None) -> str:
+    """The docker backend tenant stacks use here (``dn.host.docker.docker_backend``)."""
+    from dn.host.docker import docker_backend as choose
+
+    return choose(settings, environ)

@@ -5,9 +5,9 @@ One child per promise of the trust page:
 ===========================  =================================================================
 child (Pulumi name)          promise
 ===========================  =================================================================
-``<slug>-docker``            docker reached over ``ssh://`` with the host key pinned
-                             (``StrictHostKeyChecking=yes`` against the known_hosts file dn
-                             writes): no daemon socket is ever exposed on the network
+``<slug>-docker``            (pulumi-docker backend) docker reached over ``ssh://`` with the host
+                             key pinned (``StrictHostKeyChecking=yes`` against the known_hosts
+                             file dn writes): no daemon socket is ever exposed on the network
 ``<slug>-network``           a bridge of its own (fixed name ``dnt<hash>``), inter-container
                              traffic off (``enable_icc=false``), a fixed subnet: per-tenant
                              network isolation
@@ -23,6 +23,11 @@ child (Pulumi name)          promise
 ``<slug>-backup-timer``      the daily backup of the tenant (30-day retention)
 ===========================  =================================================================
 
+Two docker backends make the same promises (``dn.host.docker.docker_backend`` chooses):
+``pulumi-docker`` (the provider plugin, over ``ssh://``) and ``dn-ssh`` (dn's own dynamic
+providers in ``stacks/providers/docker.py``, over dn's SSH layer, for machines where the plugin
+cannot be installed). Switching a stack between them replaces its network and containers.
+
 The component takes validated specs only (``dn.models``); it renders nothing itself: the dynamic
 resources of ``stacks/providers`` render and apply their files over SSH.
 """
@@ -33,11 +38,10 @@ from pathlib import Path
 from typing import Sequence
 
 import pulumi
-import pulumi_docker as docker
 
 from dn.models import TENANT_PORT, HostBaseline, TenantSpec, parse_image
+from dn.host.docker import preview_server_url
 from dn.preview import resource_name
-from dn.render.nginx import PREVIEW_PATH
 
 TYPE = "dn:tenant:Tenant"
 
@@ -98,8 +102,11 @@ class TenantArgs:
     docker: DockerEndpoint
     container_config: pulumi.Output
     luks_key: pulumi.Output
+    ssh: dict = field(default_factory=dict)  # stacks.programs.ssh_target_data of the host
+    docker_backend: str = "pulumi-docker"  # or "dn-ssh"
     other_bridges: Sequence[str] = field(default_factory=tuple)
     backup_retention_days: int = 30
+    schedules: dict = field(default_factory=dict)  # settings.schedules, for the backup timer
 
 
 def container_envs(spec: TenantSpec, container_config: pulumi.Output, *, preview_server: bool) -> pulumi.Output:
@@ -108,55 +115,22 @@ def container_envs(spec: TenantSpec, container_config: pulumi.Output, *, preview
     if preview_server:
         fixed.append("RUN_AS_PREVIEW_SERVER=true")
     elif spec.preview:
-        fixed.append(f"PREVIEW_SERVER_URL=https://{spec.domains[0]}{PREVIEW_PATH}")
+        fixed.append(f"PREVIEW_SERVER_URL={preview_server_url(spec)}")
     return pulumi.Output.secret(container_config).apply(lambda cfg: [f"CONTAINER_CONFIG={cfg}", *fixed])
 
 
 class Tenant(pulumi.ComponentResource):
     """One tenant on its EU host (type ``dn:tenant:Tenant``)."""
 
-    network: docker.Network
-    tagging: docker.Container
-    preview: docker.Container | None
-
     def __init__(self, args: TenantArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         spec = args.spec
         super().__init__(TYPE, spec.slug, None, opts)
-        name = lambda suffix: resource_name(spec.slug, suffix)  # noqa: E731
-        child = pulumi.ResourceOptions(parent=self)
-
-        self.provider = docker.Provider(
-            name("docker"),
-            host=args.docker.url,
-            ssh_opts=args.docker.ssh_opts(),
-            opts=child,
-        )
-        on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
-
-        labels = [
-            docker.NetworkLabelArgs(label="dn.tenant", value=spec.slug),
-            docker.NetworkLabelArgs(label="dn.managed-by", value="dn"),
-        ]
-        self.network = docker.Network(
-            name("network"),
-            name=spec.network,
-            driver="bridge",
-            internal=False,  # sGTM forwards hits to the tag vendors: it needs egress
-            attachable=False,
-            ipv6=False,
-            options={
-                "com.docker.network.bridge.name": spec.bridge,
-                "com.docker.network.bridge.enable_icc": "false",
-                "com.docker.network.bridge.enable_ip_masquerade": "true",
-            },
-            labels=labels,
-            ipam_configs=[docker.NetworkIpamConfigArgs(subnet=spec.subnet, gateway=spec.gateway)],
-            opts=on_host,
-        )
-
-        self.tagging = self._server(args, "tagging", spec.tagging_container, spec.tagging_address, on_host)
-        self.preview = (self._server(args, "preview", spec.preview_container, spec.preview_address, on_host)
-                        if spec.preview else None)
+        if args.docker_backend == "dn-ssh":
+            self._dn_ssh(args)
+        elif args.docker_backend == "pulumi-docker":
+            self._pulumi_docker(args)
+        else:
+            raise ValueError(f"docker_backend {args.docker_backend!r}: pulumi-docker or dn-ssh")
 
         from stacks.programs import tenant_host_resources
 
@@ -170,8 +144,55 @@ class Tenant(pulumi.ComponentResource):
             "preview": self.preview.name if self.preview else None,
         })
 
-    def _server(self, args: TenantArgs, role: str, container_name: str, address: str,
-                on_host: pulumi.ResourceOptions) -> docker.Container:
+    def _dn_ssh(self, args: TenantArgs) -> None:
+        from stacks.providers.docker import tenant_docker
+
+        spec = args.spec
+        self.provider = None
+        self.network, containers = tenant_docker(
+            spec, args.ssh, args.container_config, name=lambda suffix: resource_name(spec.slug, suffix),
+            health_test=health_test(spec.image), opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.tagging = containers[0]
+        self.preview = containers[1] if len(containers) > 1 else None
+
+    def _pulumi_docker(self, args: TenantArgs) -> None:
+        import pulumi_docker as docker
+
+        spec = args.spec
+        name = lambda suffix: resource_name(spec.slug, suffix)  # noqa: E731
+        self.provider = docker.Provider(
+            name("docker"),
+            host=args.docker.url,
+            ssh_opts=args.docker.ssh_opts(),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
+        self.network = docker.Network(
+            name("network"),
+            name=spec.network,
+            driver="bridge",
+            internal=False,  # sGTM forwards hits to the tag vendors: it needs egress
+            attachable=False,
+            ipv6=False,
+            options={
+                "com.docker.network.bridge.name": spec.bridge,
+                "com.docker.network.bridge.enable_icc": "false",
+                "com.docker.network.bridge.enable_ip_masquerade": "true",
+            },
+            labels=[
+                docker.NetworkLabelArgs(label="dn.tenant", value=spec.slug),
+                docker.NetworkLabelArgs(label="dn.managed", value="true"),
+            ],
+            ipam_configs=[docker.NetworkIpamConfigArgs(subnet=spec.subnet, gateway=spec.gateway)],
+            opts=on_host,
+        )
+        self.tagging = self._server(docker, args, "tagging", spec.tagging_container, spec.tagging_address, on_host)
+        self.preview = (self._server(docker, args, "preview", spec.preview_container, spec.preview_address, on_host)
+                        if spec.preview else None)
+
+    def _server(self, docker, args: TenantArgs, role: str, container_name: str, address: str,
+                on_host: pulumi.ResourceOptions):
         spec, lim = args.spec, args.spec.limits
         memory = lim.memory_mb
         return docker.Container(
@@ -191,13 +212,16 @@ class Tenant(pulumi.ComponentResource):
             capabilities=docker.ContainerCapabilitiesArgs(drops=list(DROP_CAPABILITIES)),
             security_opts=list(SECURITY_OPTS),
             privileged=False,
+            read_only=True,
+            tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=64m"},
             log_driver="json-file",
             log_opts={"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES},
             healthcheck=docker.ContainerHealthcheckArgs(
-                tests=health_test(spec.image), interval="30s", timeout="5s", retries=3, start_period="20s",
+                tests=health_test(spec.image), interval="10s", timeout="5s", retries=3, start_period="20s",
             ),
             labels=[
                 docker.ContainerLabelArgs(label="dn.tenant", value=spec.slug),
+                docker.ContainerLabelArgs(label="dn.managed", value="true"),
                 docker.ContainerLabelArgs(label="dn.role", value=role),
             ],
             opts=pulumi.ResourceOptions.merge(on_host, pulumi.ResourceOptions(depends_on=[self.network])),
