@@ -254,3 +254,68 @@ def test_timer_provider_create_diff_update_read_delete(sandbox):
     finally:
         p.delete(created.id, created.outs)
     assert p.read(created.id, created.outs).id is None
+
+
+# --------------------------------------------------------------------------- through the real engine
+
+
+def _cli_missing() -> str | None:
+    from tests.integration.test_engine import _cli_missing_reason
+
+    return _cli_missing_reason()
+
+
+@pytest.mark.sandbox
+@pytest.mark.engine
+def test_the_engine_keeps_the_luks_key_encrypted_in_state(sandbox, tmp_path):
+    """up, preview, refresh and destroy of a LuksVolume through the real Pulumi CLI: the key is
+    ciphertext in every state file the backend wrote, and nothing shows a change that is none."""
+    import os
+
+    import pulumi
+
+    from dn import engine
+    from dn.config import PlanConfig, load_settings
+    from dn.models import parse_tenant
+    from dn.sandbox import IMAGE
+    from stacks.programs import REPO
+
+    reason = _cli_missing()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "dn"
+    (home / "sandbox").mkdir(parents=True)
+    (home / "sandbox" / "passphrase").write_text("provider test passphrase\n")
+    (home / "sandbox" / "passphrase").chmod(0o600)
+    env = dict(os.environ, DN_HOME=str(home), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    settings = load_settings(environ=env)
+    key = luks.new_key()
+    text = encode_key(key)
+    t = parse_tenant({"slug": "pve", "domains": ["pve.example"], "image": IMAGE, "subnet": "10.210.50.64/28",
+                      "plan": "small"}, plans={"small": PlanConfig(volume_mb=32)}, host_view=True)
+    props = props_for(sandbox, t)
+
+    def program() -> None:
+        from stacks.providers.luks import LuksVolume
+
+        v = LuksVolume("vol", ssh=props["ssh"], host=props["host"], tenant=props["tenant"],
+                       key=pulumi.Output.secret(text))
+        pulumi.export("fingerprint", v.key_fingerprint)
+        pulumi.export("cipher", v.header.apply(lambda h: h["cipher"]))
+
+    st = engine.stack(settings, "luks-secret", program, extra_env={"PYTHONPATH": str(REPO)}, environ=env)
+    try:
+        up = engine.up(st)
+        assert up.changes.get("create") == 2 and up.outputs["cipher"] == "aes-xts-plain64"
+        assert up.outputs["fingerprint"] == luks.key_fingerprint(key)
+        assert engine.preview(st).changes == {"same": 2}
+        assert engine.refresh(st).changes == {"same": 2}
+    finally:
+        engine.destroy(st)
+    written = [Path(d) / f for d, _, fs in os.walk(home / "state") for f in fs]
+    assert written
+    blob = b"".join(p.read_bytes() for p in written)
+    assert text.encode() not in blob and key.hex().encode() not in blob and key not in blob
+    assert b'"key"' in blob and b"ciphertext" in blob  # the input is there, encrypted
+    with ssh.connect(sandbox.host) as s:
+        assert not luks.read(s, luks.volume_spec(HostBaseline.from_settings(sandbox.settings), t)).exists
