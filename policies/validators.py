@@ -300,20 +300,27 @@ def is_firewall_baseline(r: Resource) -> bool:
 
 
 def baseline_public_ports(r: Resource, cfg: Config) -> list[str]:
-    """Simulate new connections from an address on the internet against the rendered baseline:
-    exactly the public ports may be accepted, on TCP, for IPv4 and IPv6."""
+    """The rendered baseline of the resource's host, checked by :func:`public_exposure`."""
+    from dn.host import firewall as fw
+
+    host = _host(r)
+    return public_exposure(fw.baseline_rulesets(host), host.ssh_port)
+
+
+def public_exposure(rulesets, ssh_port: int = 22) -> list[str]:
+    """Simulate new connections from an address on the internet against ``rulesets`` (one per
+    family): exactly the public ports may be accepted, on TCP; INPUT's policy must be DROP."""
     from dn.host import firewall as fw
     from dn.render.iptables import SavedTable
 
-    host = _host(r)
     out = []
-    for rs in fw.baseline_rulesets(host):
+    for rs in rulesets:
         table = fw.simulate([rs], {"filter": SavedTable()})
         source, dest = ("203.0.113.7", "198.51.100.2") if rs.family == 4 else ("2001:db8::7", "2001:db8:1::2")
         mentioned = {int(x) for _c, rule in rs.rules for i, tok in enumerate(rule)
                      if i and rule[i - 1] in ("--dport", "--dports") for x in re.split(r"[,:]", tok) if x.isdigit()}
         ports = sorted(mentioned | {1, 21, 22, 25, 53, 2375, 2376, 3306, 5432, 6379, 8080, 8443, 9000, 65535,
-                                    host.ssh_port})
+                                    ssh_port})
         for proto in ("tcp", "udp"):
             open_ = [p for p in ports if fw.evaluate(table, fw.Packet(source, dest, p, "eth0", proto)) == "ACCEPT"]
             allowed = list(PUBLIC_PORTS) if proto == "tcp" else []
@@ -347,21 +354,31 @@ def _walk(directives, path=()):
 
 
 def tls_hsts(r: Resource, cfg: Config) -> list[str]:
-    """Base: ssl_protocols exactly TLSv1.2 TLSv1.3. Vhost: every server on 443 sends HSTS with
-    max-age of at least two years, also from locations that set their own headers."""
+    """The nginx files the resource will write, checked by :func:`nginx_tls`."""
+    return nginx_tls(_nginx_files(r), base="tenant" not in r.props, min_hsts=cfg.min_hsts_max_age)
+
+
+def nginx_tls(files: Mapping[str, str], *, base: bool, min_hsts: int = MIN_HSTS) -> list[str]:
+    """Base config: ssl_protocols exactly TLSv1.2 TLSv1.3. Every server on 443: HSTS with a
+    max-age of at least ``min_hsts``, sent ``always``, also from locations that set their own
+    headers (nginx's add_header inheritance would drop it there)."""
     from dn.render.nginx import parse_config
 
     out = []
-    for path, text in _nginx_files(r).items():
+    for path, text in files.items():
+        if not path.endswith(".conf"):
+            continue  # the DH group (PEM) is not nginx syntax
         tree = parse_config(text)
         for d, _ in _walk(tree):
             if d.name == "ssl_protocols" and set(d.args) != {"TLSv1.2", "TLSv1.3"}:
                 out.append(f"{path}: ssl_protocols {' '.join(d.args)}; only TLSv1.2 TLSv1.3 are allowed")
-        if "tenant" not in r.props and not any(d.name == "ssl_protocols" for d, _ in _walk(tree)):
+        if base and path.endswith("nginx.conf") and not any(d.name == "ssl_protocols" for d, _ in _walk(tree)):
             out.append(f"{path}: no ssl_protocols (TLSv1.2 TLSv1.3 required)")
         for d, parents in _walk(tree):
             if d.name != "server" or not any(x.name == "listen" and "443" in x.args[0] for x in d.block or ()):
                 continue
+            if any(x.name == "ssl_reject_handshake" and x.args == ("on",) for x in d.block or ()):
+                continue  # never completes a handshake, so never sends a response
             scopes = [d] + [x for x, _ in _walk(d.block or ()) if x.name == "location"]
             for scope in scopes:
                 headers = [x for x in scope.block or () if x.name == "add_header"]
@@ -373,8 +390,8 @@ def tls_hsts(r: Resource, cfg: Config) -> list[str]:
                     out.append(f"{path}: {label} on 443 sends no Strict-Transport-Security")
                     continue
                 m = re.search(r"max-age=(\d+)", hsts[0].args[1] if len(hsts[0].args) > 1 else "")
-                if not m or int(m.group(1)) < cfg.min_hsts_max_age:
-                    out.append(f"{path}: {label}: HSTS max-age must be at least {cfg.min_hsts_max_age} s")
+                if not m or int(m.group(1)) < min_hsts:
+                    out.append(f"{path}: {label}: HSTS max-age must be at least {min_hsts} s")
                 if "always" not in hsts[0].args:
                     out.append(f"{path}: {label}: HSTS must be sent 'always' (also on errors)")
     return out
@@ -385,13 +402,18 @@ def is_vhost(r: Resource) -> bool:
 
 
 def rate_limits(r: Resource, cfg: Config) -> list[str]:
+    """The vhost file the resource will write, checked by :func:`nginx_rate_limits`."""
+    return nginx_rate_limits(_nginx_files(r))
+
+
+def nginx_rate_limits(files: Mapping[str, str]) -> list[str]:
     """Every vhost declares a per-IP and a per-tenant request zone (the tenant's keyed on a
     constant, never on a client-chosen value) and a per-IP connection zone, and its 443 server
     applies all three."""
     from dn.render.nginx import parse_config
 
     out = []
-    for path, text in _nginx_files(r).items():
+    for path, text in files.items():
         tree = parse_config(text)
         zones = {}
         for d, _ in _walk(tree):
