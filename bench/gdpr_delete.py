@@ -162,7 +162,7 @@ def main() -> None:
                 if how == "dn batched":
                     for table in plan.deletion_order(dm, datamap.read_catalog(work).foreign_keys):
                         st = delete_in_batches(work, table, tenant_condition(dm, dm.tables[table], tid, slug),
-                                               batch_size=args.batch)
+                                               batch_size=args.batch, order=dm.tables[table].batch_key)
                         if table == "events":
                             longest_batch, batches = st.longest_ms, st.batches
                 else:

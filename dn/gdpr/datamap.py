@@ -114,6 +114,7 @@ class Table:
     reason: str | None = None
     encrypted: tuple[Encrypted, ...] = ()
     export: Export | None = None
+    batch_key: str | None = None
 
     def columns_named(self) -> list[tuple[str, str]]:
         """(column, what it is for) for every column the map names in this table."""
@@ -122,6 +123,8 @@ class Table:
             out.append((self.tenant.column, "tenant"))
         if self.age:
             out.append((self.age, "age"))
+        if self.batch_key:
+            out.append((self.batch_key, "batch_key"))
         out += [(c, "minimise") for c in self.minimise]
         for e in self.encrypted:
             out += [(e.column, "encrypted"), (e.key_id_column, "encrypted.key_id_column")]
@@ -292,7 +295,8 @@ def parse(data: Mapping[str, Any], path: str = "datamap") -> DataMap:
         raw_export = r.get("export", dict, None)
         t = Table(name=name, data_class=cls, tenant=tenant, on_delete=on_delete, age=r.ident("age", None),
                   minimise=dict(minimise), reason=r.get("reason", str, None), encrypted=tuple(enc),
-                  export=_export(f"{where}.export", raw_export) if raw_export is not None else None)
+                  export=_export(f"{where}.export", raw_export) if raw_export is not None else None,
+                  batch_key=r.ident("batch_key", None))
         r.done()
         _check_table(where, t, classes[cls])
         tables[name] = t
@@ -329,6 +333,8 @@ def _check_table(where: str, t: Table, cls: DataClass) -> None:
     if cls.period.setting and cls.period.enforced_by is None and not t.age:
         raise ConfigError(f"{where}.age: class {cls.name!r} has a retention period, so name the column "
                           "a row's age is measured by")
+    if t.batch_key and t.tenant.kind != "column":
+        raise ConfigError(f"{where}.batch_key: needs tenant = a column (the index is on (tenant column, batch_key))")
     if t.export and t.export.format == "json-files" and t.tenant.kind != "column":
         raise ConfigError(f"{where}.export: json-files export needs a tenant column")
 
@@ -364,6 +370,7 @@ class Catalog:
     columns: Mapping[str, tuple[str, ...]]
     triggers: Mapping[str, frozenset[str]] = field(default_factory=dict)
     foreign_keys: tuple[tuple[str, str], ...] = ()  # (referencing table, referenced table)
+    indexes: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)  # leading key columns
 
 
 @dataclass
@@ -372,10 +379,11 @@ class Coverage:
     missing_tables: list[str] = field(default_factory=list)   # in the map, not in the database
     missing_columns: list[str] = field(default_factory=list)  # "table.column (what)"
     unguarded: list[str] = field(default_factory=list)        # tenant-bound, no write guard
+    unindexed: list[str] = field(default_factory=list)        # batch_key without an index on (tenant, key)
 
     @property
     def ok(self) -> bool:
-        return not (self.uncovered or self.missing_tables or self.missing_columns or self.unguarded)
+        return not (self.uncovered or self.missing_tables or self.missing_columns or self.unguarded or self.unindexed)
 
     def problems(self) -> list[str]:
         out = []
@@ -387,11 +395,13 @@ class Coverage:
             out.append(f"columns the data map names that the database lacks: {', '.join(self.missing_columns)}")
         if self.unguarded:
             out.append(f"tenant-bound tables without the GDPR write guard triggers: {', '.join(self.unguarded)}")
+        if self.unindexed:
+            out.append(f"batch keys without an index on (tenant column, batch key): {', '.join(self.unindexed)}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "uncovered": self.uncovered, "missing_tables": self.missing_tables,
-                "missing_columns": self.missing_columns, "unguarded": self.unguarded}
+                "missing_columns": self.missing_columns, "unguarded": self.unguarded, "unindexed": self.unindexed}
 
 
 def check_coverage(dm: DataMap, catalog: Catalog) -> Coverage:
@@ -408,6 +418,8 @@ def check_coverage(dm: DataMap, catalog: Catalog) -> Coverage:
             cov.missing_columns.append(f"{t.tenant.via}.{t.tenant.key} (join key of {name})")
         if dm.needs_guard(t) and not set(GUARD_TRIGGERS) <= set(catalog.triggers.get(name, ())):
             cov.unguarded.append(name)
+        if t.batch_key and not any(idx[:2] == (t.tenant.column, t.batch_key) for idx in catalog.indexes.get(name, ())):
+            cov.unindexed.append(f"{name} ({t.tenant.column}, {t.batch_key})")
     return cov
 
 
@@ -454,6 +466,19 @@ SELECT CASE WHEN cn.nspname = 'public' THEN c.relname ELSE cn.nspname || '.' || 
 """
 
 
+_INDEXES_SQL = """
+SELECT CASE WHEN n.nspname = 'public' THEN c.relname ELSE n.nspname || '.' || c.relname END AS name,
+       array_agg(coalesce(a.attname::text, '') ORDER BY k.ord) AS cols
+  FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0
+ WHERE i.indisvalid AND k.ord <= i.indnkeyatts
+ GROUP BY i.indexrelid, 1
+"""
+
+
 def read_catalog(conn: "Connection") -> Catalog:
     """The live catalogue (pg_catalog is readable by every role, unlike information_schema,
     which hides tables the role has no privilege on)."""
@@ -463,4 +488,7 @@ def read_catalog(conn: "Connection") -> Catalog:
         cols = {r["name"]: tuple(r["columns"]) for r in db.rows(conn, _CATALOG_SQL)}
         trig = {r["name"]: frozenset(r["triggers"]) for r in db.rows(conn, _TRIGGERS_SQL)}
         fks = tuple(sorted({(r["child"], r["parent"]) for r in db.rows(conn, _FKS_SQL)}))
-    return Catalog(cols, trig, fks)
+        idx: dict[str, list[tuple[str, ...]]] = {}
+        for r in db.rows(conn, _INDEXES_SQL):
+            idx.setdefault(r["name"], []).append(tuple(r["cols"]))
+    return Catalog(cols, trig, fks, {k: tuple(v) for k, v in idx.items()})

@@ -132,7 +132,7 @@ def enforce(ctx: "Context", conn: "Connection", *, dry_run: bool = False, batch_
             tr = TableResult(rule.table, rule.data_class, rule.period, rule.cutoff.isoformat(), expired)
             if not dry_run and expired:
                 stats = delete_in_batches(
-                    conn, rule.table, cond, batch_size=batch_size,
+                    conn, rule.table, cond, batch_size=batch_size, order=rule.age_column,
                     on_batch=lambda s, n, t=rule.table: progress(f"{t}: {s.deleted} deleted"))
                 tr.deleted, tr.batches, tr.longest_batch_ms = stats.deleted, stats.batches, round(stats.longest_ms, 1)
         progress(f"{rule.table}: {expired} rows older than {rule.period} (before {tr.cutoff})"

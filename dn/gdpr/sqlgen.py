@@ -49,11 +49,23 @@ def count_sql(table: str, cond: Condition) -> tuple[str, tuple[Any, ...]]:
     return f"SELECT count(*) FROM {ident(table)} WHERE {cond.sql}", cond.params
 
 
-def batch_delete_sql(table: str, cond: Condition, limit: int) -> tuple[str, tuple[Any, ...]]:
+def batch_delete_sql(table: str, cond: Condition, limit: int, order: str | None = None,
+                     after: bool = False) -> tuple[str, tuple[Any, ...]]:
     """Delete at most ``limit`` rows matching ``cond``, found by ctid (a TID scan needs no key
-    column, so every table deletes the same way) through whatever index serves ``cond``."""
+    column, so every table deletes the same way).
+
+    With ``order`` (a column indexed together with the condition's column), the rows are taken in
+    that order through the index, which stops after ``limit`` entries, and the statement returns
+    (rows deleted, the largest ``order`` value deleted); ``after`` adds ``order >= %s`` so the
+    next batch starts where the last one ended instead of scanning past the entries it deleted.
+    Without ``order`` it returns nothing and the row count is the cursor's."""
     if limit < 1:
         raise ValueError("limit must be positive")
     t = ident(table)
-    return (f"DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE {cond.sql} LIMIT {int(limit)}))",
-            cond.params)
+    if order is None:
+        return (f"DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE {cond.sql} LIMIT {int(limit)}))",
+                cond.params)
+    o = column(order)
+    where = f"{cond.sql} AND {o} >= %s" if after else cond.sql
+    return (f"WITH d AS (DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE {where} "
+            f"ORDER BY {o} LIMIT {int(limit)})) RETURNING {o}) SELECT count(*), max({o}) FROM d", cond.params)

@@ -288,7 +288,8 @@ class Deletion:
                 def on_batch(stats, n, name=name):
                     self.emit("rows", "progress", f"{name}: {stats.deleted} rows deleted ({stats.batches} batches)")
 
-                stats = delete_in_batches(self.conn, name, cond, batch_size=self.batch_size, on_batch=on_batch)
+                stats = delete_in_batches(self.conn, name, cond, batch_size=self.batch_size,
+                                          order=dm.tables[name].batch_key, on_batch=on_batch)
                 agg = tables.setdefault(name, {"deleted": 0, "batches": 0, "longest_batch_ms": 0.0})
                 agg["deleted"] += stats.deleted
                 agg["batches"] += stats.batches

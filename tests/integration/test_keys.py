@@ -14,7 +14,7 @@ import pytest
 
 from dn.errors import OperationFailed, PolicyViolation
 from dn.gdpr import keys
-from tests.integration.test_gdpr_setup import add_tenant, fernet_key
+from tests.integration.test_gdpr_setup import add_tenant, fernet_key, wipe_gdpr
 
 pytestmark = [pytest.mark.postgres]
 
@@ -50,9 +50,10 @@ def _key_ids(conn) -> set:
 
 
 @pytest.fixture
-def data(dn_settings):
+def data(dn_settings, pg_super):
     from dn import db
 
+    wipe_gdpr(pg_super)  # the key ids other tests recorded
     k1 = fernet_key()
     with db.connect(dn_settings.database) as conn:
         for s in ("key-one", "key-two", "key-three"):
@@ -63,7 +64,8 @@ def data(dn_settings):
         # a tenant being deleted: rotation still reaches its rows (dn's maintenance passes the guard)
         conn.execute("UPDATE tenants SET status = 'deleting' WHERE slug = 'key-three'")
         before = _secrets(conn, k1)
-    return k1, before
+    yield k1, before
+    wipe_gdpr(pg_super)
 
 
 def test_rotation_moves_every_value_to_the_new_key(dn_settings, data):

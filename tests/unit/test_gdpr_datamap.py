@@ -82,8 +82,10 @@ def _catalog(**overrides) -> Catalog:
         cols[t.name] = tuple(sorted({c for c, _ in t.columns_named()} | {"id"}))
     cols["gdpr_runs"] += ("request_id",)
     trig = {t.name: frozenset(datamap.GUARD_TRIGGERS) for t in dm.tables.values() if dm.needs_guard(t)}
+    idx = {t.name: ((t.tenant.column, t.batch_key),) for t in dm.tables.values() if t.batch_key}
     cols.update(overrides.pop("columns", {}))
-    return Catalog(cols, {**trig, **overrides.pop("triggers", {})})
+    idx.update(overrides.pop("indexes", {}))
+    return Catalog(cols, {**trig, **overrides.pop("triggers", {})}, (), idx)
 
 
 def test_coverage_of_a_matching_catalogue_is_clean():
@@ -105,6 +107,11 @@ def test_coverage_names_every_disagreement():
     msg = str(e.value)
     assert "refusing to delete tenant acme" in msg and "marketing_contacts" in msg and "hourly_stats" in msg
     assert e.value.exit_code == 4
+
+
+def test_a_batch_key_needs_an_index_led_by_the_tenant_column():
+    cov = check_coverage(datamap.load(), _catalog(indexes={"events": (("occurred_at",), ("id",), ("id", "tenant_id"))}))
+    assert cov.unindexed == ["events (tenant_id, id)"] and not cov.ok
 
 
 def test_tables_in_other_schemas_are_named_with_their_schema():

@@ -91,6 +91,10 @@ def test_tenant_conditions_use_parameters_and_quoted_identifiers():
     sql, params = sqlgen.batch_delete_sql("events", sqlgen.tenant_condition(dm, dm.tables["events"], 42, "x"), 5000)
     assert sql == ('DELETE FROM "events" WHERE ctid = ANY (ARRAY(SELECT ctid FROM "events" WHERE "tenant_id" = %s '
                    'LIMIT 5000))') and params == (42,)
+    sql, params = sqlgen.batch_delete_sql("events", sqlgen.Condition('"tenant_id" = %s', (42,)), 100, "id", after=True)
+    assert sql == ('WITH d AS (DELETE FROM "events" WHERE ctid = ANY (ARRAY(SELECT ctid FROM "events" WHERE '
+                   '"tenant_id" = %s AND "id" >= %s ORDER BY "id" LIMIT 100)) RETURNING "id") '
+                   'SELECT count(*), max("id") FROM d') and params == (42,)
     with pytest.raises(ValueError):
         sqlgen.tenant_condition(dm, dm.tables["fernet_keys"], 42, "acme")
     with pytest.raises(ValueError):
