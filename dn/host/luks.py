@@ -269,10 +269,12 @@ def read(session: "Session", spec: VolumeSpec) -> VolumeState:
 
 
 def _cryptsetup(s: "Session", argv: list[str], key: bytes, doing: str) -> None:
+    from dn.ssh import redact
+
     r = s.run(["cryptsetup", *argv], stdin=key, check=False)
     if r.rc != 0:
-        # cryptsetup never echoes a key read from stdin; dn.ssh redacts stdin from stderr anyway.
-        err = r.stderr.decode("utf-8", "replace").strip()[-600:]
+        # cryptsetup does not echo a key read from stdin; removed here all the same, should it ever.
+        err = redact(r.stderr.decode("utf-8", "replace"), key).strip()[-600:]
         raise ApplyRefused(f"{s.where}: cryptsetup {doing} failed (exit {r.rc}): {err}")
 
 
