@@ -4,11 +4,12 @@ dn rewrites only its own chains (``dn.render.iptables``): one ``iptables-restore
 (``ip6tables-restore``) per address family, so Docker's chains and anyone else's rules stay as
 they are. An apply (``apply``, after ``read`` and the pure ``plan``):
 
-1. ``save``: ``iptables-save``/``ip6tables-save``, the snapshot a failure restores;
-2. refusals, decided by the plan before anything changes: a referenced chain that exists neither
+1. refusals, decided by the plan before anything changes: a referenced chain that exists neither
    in the file nor on the host (``iptables-nft-restore --test`` does not notice one), and any
    baseline that would no longer accept a *new* SSH connection from the address dn is connected
    from (``$SSH_CONNECTION`` on the host; the rendered rules are evaluated for that packet);
+2. ``save``: ``iptables-save``/``ip6tables-save``, the snapshot a failure restores (if the rules
+   changed since the plan was made, nothing is done: plan again);
 3. ``arm``: the snapshot is written to the host and a detached timer there restores it after
    ``deadman`` seconds unless dn disarms it: a connection lost in the middle of an apply still
    ends with the previous rules;
