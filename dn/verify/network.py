@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -28,6 +29,7 @@ ICMP = frozenset({"icmp", "ipv6-icmp", "icmpv6", "1", "58"})
 # Interfaces whose traffic comes from inside the host (loopback, container bridges): not public.
 INTERNAL_IFACES = ("lo", BRIDGE_PREFIX, "docker0", "br-")
 # Options that take no value in iptables-save output.
+PROBE_PARALLEL = 4  # tenants probed at once (each is one `docker exec` over the same SSH connection)
 _FLAGS = frozenset({"--syn", "--rttime", "--update", "--set", "--rcheck", "--remove", "--reap"})
 
 
@@ -249,7 +251,7 @@ def _walk(tab: SavedTable, family: int, table: str, chain: str, ctx: _Ctx, path:
         if r.target in want:
             out.append(Accept(family, table, path + (chain,), _rule_text(chain, tokens), merged.proto,
                               merged.ports, merged.sources, kind))
-        elif r.target in tab.policies and tab.policies[r.target] is None and r.target not in path:
+        elif r.target in tab.policies and tab.policies[r.target] is None and r.target not in path + (chain,):
             _walk(tab, family, table, r.target, merged, path + (chain,), want, out, kind)
 
 
@@ -609,21 +611,24 @@ def check_tenant_isolation(probe: "Probe") -> tuple[Status, list[str]]:
     except Exception:
         allowed = []
     host_ports = host_service_ports(parse_listeners(probe.listeners()), allowed)
-    probed = 0
+    jobs = []
     for v in views:
         own = [c for c in v.containers if running(c) and _name(c) in v.names.containers]
         if not own or not v.registered:
             continue
         src = sorted(own, key=lambda c: v.names.containers.index(_name(c)))[0]  # the tagging server first
         targets = probe_targets(src, v, views, [probe.host.address], host_ports)
-        if not targets:
-            continue
-        result = probe.container_connect(_name(src), targets)
-        probed += 1
+        if targets:
+            jobs.append((_name(src), targets))
+    # Each probe waits out its filtered targets; the tenants' probes run side by side.
+    with ThreadPoolExecutor(max_workers=PROBE_PARALLEL) as pool:
+        outcomes = list(pool.map(lambda job: probe.container_connect(*job), jobs))
+    probed = len(jobs)
+    for (src, targets), result in zip(jobs, outcomes):
         reached = [t for t, ok in result.items() if ok]
         for t in reached:
-            fails.append(f"active probe: {_name(src)} reached {t}{_describe_target(t, views, probe)}")
-        ev.append(f"active probe from {_name(src)}: {len(targets)} targets (other sGTM containers :{TENANT_PORT}, "
+            fails.append(f"active probe: {src} reached {t}{_describe_target(t, views, probe)}")
+        ev.append(f"active probe from {src}: {len(targets)} targets (other sGTM containers :{TENANT_PORT}, "
                   f"host ports {', '.join(map(str, host_ports)) or 'none'}), {len(targets) - len(reached)} "
                   "refused or filtered")
     if not probed:

@@ -243,7 +243,7 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
                 hl.converge(s, hl.volume_spec(host, t), vv.luks_keys[t.slug])
             # a fresh backup in the second region, and a passed restore drill of it
             run.run_backup(settings, env)
-            report = drill.run_drill(settings, env, notify=False)
+            report = passed_drill(settings, env)
             assert report["result"] == "passed", drill.summary(report)
             yield vv
         finally:
@@ -278,6 +278,19 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
             pg.close()
 
 
+def passed_drill(settings, env) -> dict:
+    """A drill of the newest backup. The test PostgreSQL server is shared by concurrent test
+    sessions, and a starting drill drops every scratch database it finds (dn.backup.drill): one
+    cut short that way ("terminating connection due to administrator command") is run again."""
+    from dn.backup import drill
+
+    for _ in range(3):
+        report = drill.run_drill(settings, env, notify=False)
+        if not any("administrator command" in f for f in report["failures"]):
+            break
+    return report
+
+
 def _rmtree(sftp, path: str) -> None:
     import stat
 
@@ -297,7 +310,28 @@ def _rmtree(sftp, path: str) -> None:
 # --------------------------------------------------------------------------- running the checks
 
 
-def verify(v: V, only=None) -> dict[str, core.Result]:
+def foreign_objects(v: V) -> list[str]:
+    """Vhosts, containers and tenant networks on the shared sandbox host that are not this
+    module's (another test session's, while it runs)."""
+    from dn.host import nginx as hn
+
+    mine = set(SLUGS)
+    names = {n for t in v.tenants for n in (t.tagging_container, t.preview_container)} | {"vfy-publisher"}
+    with v.session() as s:
+        vhosts = [f"vhost {x}" for x in hn.served_vhosts(s, v.host) if x not in mine]
+        ctrs = [f"container {x}" for x in s.run(["docker", "ps", "-a", "--format", "{{.Names}}"]).text.split()
+                if x not in names]
+        nets = [f"network {x}" for x in s.run(["docker", "network", "ls", "--format", "{{.Name}}"]).text.split()
+                if x.startswith("dn-t-") and x[5:] not in mine]
+    return vhosts + ctrs + nets
+
+
+def verify(v: V, only=None, quiet_wait: float = 240) -> dict[str, core.Result]:
+    """Run the checks. Other test sessions use the same sandbox host: while their tenants are on
+    it (they judge the whole host, as they must), wait for them to leave, up to ``quiet_wait``."""
+    deadline = time.monotonic() + quiet_wait
+    while only is None and foreign_objects(v) and time.monotonic() < deadline:
+        time.sleep(5)
     with Probe(v.settings, environ=v.env) as probe:
         return {r.id: r for r in core.run_checks(list(CLAIMS), probe, only)}
 
@@ -313,6 +347,17 @@ def assert_only(results: dict[str, core.Result], failing: set[str]) -> None:
     wrong = {i: (s.value, text(results[i])[:600]) for i, s in got.items()
              if s is not (core.Status.FAIL if i in want else core.Status.PASS)}
     assert not wrong, wrong
+
+
+def iptables(v: V, verb: str, chain: str, rule: list[str], *, position: str | None = None) -> None:
+    """Add (-A/-I) or remove (-D) a rule in the host's firewall; removing a rule that is already
+    gone is fine (a firewall apply of another session may have restored its own snapshot)."""
+    if verb == "-D":
+        if v.sandbox.ns_exec(["iptables", "-w", "-C", chain, *rule], check=False).returncode != 0:
+            return
+        v.sandbox.ns_exec(["iptables", "-w", "-D", chain, *rule])
+    else:
+        v.sandbox.ns_exec(["iptables", "-w", verb, chain, *([position] if position else []), *rule])
 
 
 def evidence(results, check_id: str) -> str:
@@ -398,12 +443,12 @@ def test_open_port_behind_a_firewall_hole_fails_public_ports(v):
                 "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9999)); "
                 "s.listen(16); time.sleep(300)"]
     with ns_process(v.sandbox, listener):
-        v.sandbox.ns_exec(["iptables", "-w", "-A", "DN-INPUT", *hole])
+        iptables(v, "-A", "DN-INPUT", hole)
         try:
             time.sleep(0.3)
             results = verify(v)
         finally:
-            v.sandbox.ns_exec(["iptables", "-w", "-D", "DN-INPUT", *hole])
+            iptables(v, "-D", "DN-INPUT", hole)
     assert_only(results, {"net.public-ports"})
     ev = evidence(results, "net.public-ports")
     assert "10.231.1.2:9999/tcp accepted a connection from 10.231.1.1" in ev
@@ -413,11 +458,11 @@ def test_open_port_behind_a_firewall_hole_fails_public_ports(v):
 
 def test_ssh_open_to_a_foreign_network_fails_admin_ssh(v):
     rule = ["-s", "192.0.2.0/24", "-p", "tcp", "-m", "tcp", "--dport", "22", "-j", "ACCEPT"]
-    v.sandbox.ns_exec(["iptables", "-w", "-I", "DN-INPUT", "1", *rule])
+    iptables(v, "-I", "DN-INPUT", rule, position="1")
     try:
         results = verify(v)
     finally:
-        v.sandbox.ns_exec(["iptables", "-w", "-D", "DN-INPUT", *rule])
+        iptables(v, "-D", "DN-INPUT", rule)
     assert_only(results, {"net.admin-ssh"})
     assert "SSH reachable from 192.0.2.0/24, which is not an admin source" in evidence(results, "net.admin-ssh")
 
@@ -667,7 +712,7 @@ def test_failed_drill_fails_dr(v):
     try:
         results = verify(v)
     finally:
-        again = drill.run_drill(v.settings, v.env, notify=False)
+        again = passed_drill(v.settings, v.env)
         assert again["result"] == "passed", drill.summary(again)
     assert_only(results, {"dr.drill"})
     assert f"last drill {report['drill_id']}" in evidence(results, "dr.drill")
