@@ -31,6 +31,36 @@ def up(
 
 
 @app.command()
+def destroy(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="EU host (default settings.default_host)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Remove the host baseline: dn's timers, the nginx main config (nginx stops), the firewall
+    baseline (INPUT opens again) and dn's empty directories. Refused while tenants are registered
+    on the host. Asks first unless --yes. Audited, holds the host's lock."""
+    import sys
+
+    from cli.stack import progress
+    from dn import tenants
+    from dn.errors import InvalidInput
+
+    c = ctx.obj
+    name = host or c.settings.default_host
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("confirmation", "not a terminal: rerun with --yes to destroy the host baseline")
+        if not typer.confirm(f"Remove dn's baseline from host {name}?", default=False, err=True):
+            raise InvalidInput("confirmation", "not confirmed: nothing was destroyed")
+    r = tenants.host_destroy(c, name, on_event=progress(c, tenants.host_stack_name(name)))
+    if json:
+        c.out_json(r.to_dict() if r else {"stack": tenants.host_stack_name(name), "op": "destroy", "changes": {}})
+    else:
+        c.out(f"host {name}: baseline removed" if r else f"host {name}: no baseline stack")
+
+
+@app.command()
 def show(
     ctx: typer.Context,
     host: Optional[str] = typer.Option(None, "--host", help="EU host (default settings.default_host)"),

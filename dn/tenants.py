@@ -883,6 +883,29 @@ def host_up(ctx: "Context", host_name: str | None = None, *, on_event: OnEvent |
     return r
 
 
+def host_destroy(ctx: "Context", host_name: str | None = None, *, on_event: OnEvent | None = None) -> RunResult | None:
+    """Remove the host baseline (timers, nginx main config, firewall baseline, dn's empty
+    directories) and its stack. Refused while tenants are registered on the host: their isolation
+    and their vhosts depend on the baseline. Audited, holds the host's lock."""
+    from dn import audit
+
+    settings = ctx.settings
+    host = _host_of(settings, host_name)
+    name = host_stack_name(host.name)
+    with connect(settings, "host destroy") as conn:
+        left = [r.slug for r in list_tenants(conn, host=host.name)]
+    if left:
+        raise InvalidInput("host", f"tenants are still registered on {host.name}: {', '.join(left)}",
+                           hint="destroy them first (`dn tenant destroy SLUG`)")
+    with audit.privileged(ctx, "host destroy", {"host": host.name}, host=host.name) as op:
+        if not _stack_exists(settings, name):
+            op.args["changes"] = {}
+            return None
+        r = run_stack(settings, host_stack(settings, host, ctx.environ), "destroy", on_event=on_event)
+        op.args["changes"] = r.changes
+    return r
+
+
 def host_show(ctx: "Context", host_name: str | None = None) -> dict[str, Any]:
     """A host's baseline spec and its stack's last update."""
     settings = ctx.settings
