@@ -19,8 +19,8 @@ Measured: total time of each; the longest time a transaction held its lock on ``
 PostgreSQL: a second session samples ``pg_locks`` every 2 ms and records, per virtual transaction of
 the deleting backend, when its RowExclusiveLock on ``events`` was first and last seen (the row
 locks of a DELETE live exactly as long as that transaction); and the client-side duration of the
-longest batch transaction (BEGIN to COMMIT). Also how long a bystander's single-row UPDATE of one
-of the doomed rows waited while each deletion ran (sampled once per 100 ms).
+longest batch transaction (BEGIN to COMMIT). Also how long another session waited for a SHARE
+lock on events (as CREATE INDEX takes) while each deletion ran, tried every 100 ms.
 """
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ class LockSampler(threading.Thread):
     def __init__(self, conn, pid: int, interval: float = 0.002) -> None:
         super().__init__(daemon=True)
         self.conn, self.pid, self.interval = conn, pid, interval
-        self.seen: dict[str, list[float]] = {}
+        self.seen: dict[str, list[float]] = {}  # "vxid mode" -> [first seen, last seen]
         self.samples = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
-        q = ("SELECT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND granted "
+        q = ("SELECT virtualtransaction || ' ' || mode FROM pg_locks WHERE locktype = 'relation' AND granted "
              "AND relation = 'events'::regclass AND pid = %s")
         while not self.stop.is_set():
             now = time.monotonic()
@@ -71,31 +71,33 @@ class LockSampler(threading.Thread):
             self.samples += 1
             time.sleep(self.interval)
 
-    def longest_ms(self) -> float:
-        return max(((b - a) * 1000 for a, b in self.seen.values()), default=0.0)
+    def longest_ms(self, mode: str = "") -> float:
+        """The longest hold of a lock in ``mode`` (any mode: "")."""
+        return max(((b - a) * 1000 for k, (a, b) in self.seen.items() if k.endswith(mode)), default=0.0)
 
-    def transactions(self) -> int:
-        return len(self.seen)
+    def transactions(self, mode: str = "RowExclusiveLock") -> int:
+        return sum(1 for k in self.seen if k.endswith(mode))
 
 
 class Bystander(threading.Thread):
-    """Every 100 ms, UPDATE one event of the tenant being deleted (lock_timeout 30 s); the longest
-    wait is what the application would feel."""
+    """Every 100 ms, take a SHARE lock on events and release it at once (what CREATE INDEX or a
+    foreign-key validation needs): it waits for whichever deleting transaction holds the table's
+    RowExclusiveLock, so its longest wait is the longest lock hold as another session feels it."""
 
-    def __init__(self, conn, tenant: int) -> None:
+    def __init__(self, conn) -> None:
         super().__init__(daemon=True)
-        self.conn, self.tenant = conn, tenant
+        self.conn = conn
         self.waits: list[float] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        self.conn.execute("SET lock_timeout = '30s'")
         while not self.stop.is_set():
             t0 = time.monotonic()
             try:
-                self.conn.execute("UPDATE events SET event_name = event_name WHERE id = "
-                                  "(SELECT max(id) FROM events WHERE tenant_id = %s)", (self.tenant,))
-            except Exception:  # lock timeout: counted as a 30 s wait
+                with self.conn.transaction():
+                    self.conn.execute("SET LOCAL lock_timeout = '60s'")
+                    self.conn.execute("LOCK TABLE events IN SHARE MODE")
+            except Exception:  # a lock timeout counts as a 60 s wait
                 pass
             self.waits.append(time.monotonic() - t0)
             time.sleep(0.1)
@@ -147,13 +149,14 @@ def main() -> None:
                   f"in {time.monotonic() - t0:.0f} s", flush=True)
 
         results = {}
+        spread = ""
         for slug, how in (("bench-a", "dn batched"), ("bench-b", "plain DELETE")):
             tid = ids[slug]
             with db.connect(cfg, application_name="bench deleter") as work, \
                     db.connect_dsn(cluster.dsn("postgres", name), cluster.passfile) as watch, \
                     db.connect(cfg, application_name="bench bystander") as by:
                 sampler = LockSampler(watch, work.info.backend_pid)
-                bystander = Bystander(by, tid)
+                bystander = Bystander(by)
                 sampler.start()
                 bystander.start()
                 t0 = time.monotonic()
@@ -161,10 +164,18 @@ def main() -> None:
                 batches = 0
                 if how == "dn batched":
                     for table in plan.deletion_order(dm, datamap.read_catalog(work).foreign_keys):
+                        times = []
                         st = delete_in_batches(work, table, tenant_condition(dm, dm.tables[table], tid, slug),
-                                               batch_size=args.batch, order=dm.tables[table].batch_key)
+                                               batch_size=args.batch, order=dm.tables[table].batch_key,
+                                               prefix=(dm.tables[table].tenant.column, tid)
+                                               if dm.tables[table].batch_key else None,
+                                               on_batch=lambda s, n, times=times: times.append(s.last_ms))
                         if table == "events":
                             longest_batch, batches = st.longest_ms, st.batches
+                            times.sort()
+                            spread = (f"batch transactions on events: median {statistics.median(times):.0f} ms, "
+                                      f"p95 {times[int(len(times) * 0.95) - 1]:.0f} ms, p99 "
+                                      f"{times[int(len(times) * 0.99) - 1]:.0f} ms, max {times[-1]:.0f} ms")
                 else:
                     with work.transaction():
                         t1 = time.monotonic()
@@ -172,6 +183,7 @@ def main() -> None:
                         for table in ("users", "hourly_stats", "tenant_settings"):
                             work.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tid,))
                     longest_batch, batches = (time.monotonic() - t1) * 1000, 1
+                    spread = ""
                 total = time.monotonic() - t0
                 time.sleep(0.05)
                 sampler.stop.set()
@@ -180,15 +192,19 @@ def main() -> None:
                 bystander.join()
                 left = work.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tid,)).fetchone()[0]
                 assert left == 0, f"{slug}: {left} events left"
-                results[how] = {"total_s": total, "lock_ms": sampler.longest_ms(), "txns": sampler.transactions(),
+                results[how] = {"total_s": total, "lock_ms": sampler.longest_ms("RowExclusiveLock"),
+                                "any_lock_ms": sampler.longest_ms(), "txns": sampler.transactions(),
                                 "samples": sampler.samples, "batch_ms": longest_batch, "batches": batches,
                                 "bystander_max_s": max(bystander.waits, default=0.0),
                                 "bystander_median_ms": statistics.median(bystander.waits) * 1000 if bystander.waits else 0}
                 r = results[how]
-                print(f"{how:13}: total {r['total_s']:.1f} s; longest lock on events {r['lock_ms']:.0f} ms "
-                      f"({r['txns']} transactions seen in {r['samples']} samples); longest batch {r['batch_ms']:.0f} ms "
-                      f"over {r['batches']} batches; bystander update waited up to {r['bystander_max_s']:.2f} s "
+                print(f"{how:13}: total {r['total_s']:.1f} s; longest RowExclusiveLock on events {r['lock_ms']:.0f} ms "
+                      f"({r['txns']} deleting transactions seen in {r['samples']} samples; any lock of the deleting "
+                      f"session: {r['any_lock_ms']:.0f} ms); longest batch {r['batch_ms']:.0f} ms "
+                      f"over {r['batches']} batches; a SHARE lock on events waited up to {r['bystander_max_s']:.2f} s "
                       f"(median {r['bystander_median_ms']:.1f} ms)", flush=True)
+                if spread:
+                    print(f"{'':15}{spread}", flush=True)
         with db.connect(cfg) as conn:
             c_left = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (ids["bench-c"],)).fetchone()[0]
             assert c_left == args.events // 10, "the bystander tenant lost rows"

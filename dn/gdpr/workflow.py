@@ -113,9 +113,14 @@ def _steps(conn: "Connection", request_id: int) -> list[dict[str, Any]]:
 def tenant_counts(conn: "Connection", dm: dmap.DataMap, tenant: planmod.Tenant) -> dict[str, int]:
     """The tenant's rows in every tenant-bound table of the data map."""
     out = {}
-    for t in dm.tenant_bound():
-        q, params = count_sql(t.name, tenant_condition(dm, t, tenant.id, tenant.slug))
-        out[t.name] = conn.execute(q, params).fetchone()[0]
+    with conn.transaction():
+        # Right after a deletion the statistics still count the deleted rows: a sequential scan
+        # would read through all of them where the tenant's index finds the few left at once.
+        conn.execute("SET TRANSACTION READ ONLY")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        for t in dm.tenant_bound():
+            q, params = count_sql(t.name, tenant_condition(dm, t, tenant.id, tenant.slug))
+            out[t.name] = conn.execute(q, params).fetchone()[0]
     return out
 
 
@@ -288,8 +293,10 @@ class Deletion:
                 def on_batch(stats, n, name=name):
                     self.emit("rows", "progress", f"{name}: {stats.deleted} rows deleted ({stats.batches} batches)")
 
-                stats = delete_in_batches(self.conn, name, cond, batch_size=self.batch_size,
-                                          order=dm.tables[name].batch_key, on_batch=on_batch)
+                table = dm.tables[name]
+                stats = delete_in_batches(self.conn, name, cond, batch_size=self.batch_size, order=table.batch_key,
+                                          prefix=(table.tenant.column, t.id) if table.batch_key else None,
+                                          on_batch=on_batch)
                 agg = tables.setdefault(name, {"deleted": 0, "batches": 0, "longest_batch_ms": 0.0})
                 agg["deleted"] += stats.deleted
                 agg["batches"] += stats.batches

@@ -46,7 +46,8 @@ def test_a_row_updated_while_its_batch_waits_is_deleted_by_a_later_batch(dn_sett
                       "WHERE tenant_id = %s)", (tid,))
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("stats", delete_in_batches(
-            work, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=10, order=order)))
+            work, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=10, order=order,
+            prefix=("tenant_id", tid) if order else None)))
         t.start()
         _wait_blocked(conn, "dn batch test")
         other.execute("COMMIT")
@@ -71,7 +72,7 @@ def test_ordered_batches_walk_the_index_in_order(dn_settings):
             seen.append((n, left))
 
         stats = delete_in_batches(conn, "events", Condition('"tenant_id" = %s', (tid,)), batch_size=20, order="id",
-                                  on_batch=on_batch)
+                                  prefix=("tenant_id", tid), on_batch=on_batch)
         assert (stats.deleted, stats.batches) == (95, 5)
         assert seen == [(20, ids[20]), (20, ids[40]), (20, ids[60]), (20, ids[80]), (15, None)]
         assert conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (other,)).fetchone()[0] == 50

@@ -91,10 +91,20 @@ def test_tenant_conditions_use_parameters_and_quoted_identifiers():
     sql, params = sqlgen.batch_delete_sql("events", sqlgen.tenant_condition(dm, dm.tables["events"], 42, "x"), 5000)
     assert sql == ('DELETE FROM "events" WHERE ctid = ANY (ARRAY(SELECT ctid FROM "events" WHERE "tenant_id" = %s '
                    'LIMIT 5000))') and params == (42,)
-    sql, params = sqlgen.batch_delete_sql("events", sqlgen.Condition('"tenant_id" = %s', (42,)), 100, "id", after=True)
-    assert sql == ('WITH d AS (DELETE FROM "events" WHERE ctid = ANY (ARRAY(SELECT ctid FROM "events" WHERE '
-                   '"tenant_id" = %s AND "id" >= %s ORDER BY "id" LIMIT 100)) RETURNING "id") '
-                   'SELECT count(*), max("id") FROM d') and params == (42,)
+    sql, params = sqlgen.batch_delete_sql("events", sqlgen.Condition('"tenant_id" = %s', (42,)), 100, "id", after=True,
+                                          prefix="tenant_id")
+    assert sql == ('WITH s AS MATERIALIZED (SELECT ctid, "id" FROM "events" WHERE "tenant_id" = %s AND '
+                   '("tenant_id", "id") >= (%s, %s) ORDER BY "tenant_id", "id" LIMIT 100), d AS (DELETE FROM "events" '
+                   'WHERE ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) SELECT (SELECT count(*) FROM s), '
+                   '(SELECT count(*) FROM d), (SELECT max("id") FROM s)') and params == (42,)
+    sql, _ = sqlgen.batch_delete_sql("events", sqlgen.Condition('"tenant_id" = %s', (42,)), 100, "id", after=True,
+                                     prefix="tenant_id", floor=sqlgen.floor_of("bigint"))
+    assert '("tenant_id", "id") >= (%s, -9223372036854775808)' in sql
+    assert sqlgen.floor_of("timestamp with time zone") == "'-infinity'" and sqlgen.floor_of("jsonb") is None
+    with pytest.raises(ValueError):
+        sqlgen.batch_delete_sql("events", sqlgen.Condition("true", ()), 1, "id", after=True, floor="0; DROP TABLE x")
+    sql, _ = sqlgen.batch_delete_sql("events", sqlgen.Condition('"occurred_at" < %s', (1,)), 100, "occurred_at", after=True)
+    assert '"occurred_at" < %s AND "occurred_at" >= %s ORDER BY "occurred_at"' in sql
     with pytest.raises(ValueError):
         sqlgen.tenant_condition(dm, dm.tables["fernet_keys"], 42, "acme")
     with pytest.raises(ValueError):
