@@ -53,3 +53,18 @@ def status(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="
         c.out("\n".join(f"{p.name:<{width}}  {'up  ' if p.up else 'down'}  {p.detail}" for p in parts))
     if not all(p.up for p in parts):
         raise typer.Exit(1)
+
+
+@app.command()
+def cert(
+    ctx: typer.Context,
+    domains: list[str] = typer.Argument(..., help="the tenant's domains; the first names the files"),
+    host: str = typer.Option(None, "--host", help="sandbox host name (default: the default host)"),
+) -> None:
+    """Install a self-signed certificate for DOMAINS on the sandbox host (what ACME does on a real host)."""
+    from dn import sandbox
+
+    c = ctx.obj
+    h = c.settings.host(host)
+    crt, _ = sandbox.issue_certificate(h.prefix, c.settings.tls.cert_dir, domains)
+    c.out(str(crt))

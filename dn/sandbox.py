@@ -876,3 +876,48 @@ def down(*, progress: Progress = _quiet) -> None:
                 except OSError:
                     pass  # not empty: someone else uses it now
         progress("files removed")
+
+
+# --------------------------------------------------------------------------------------------
+# certificates for the sandbox's tenants
+# --------------------------------------------------------------------------------------------
+def issue_certificate(host_prefix: str, cert_dir: str, domains: list[str], *, days: int = 90) -> tuple[Path, Path]:
+    """A self-signed certificate for ``domains`` in the sandbox host's certificate directory.
+
+    What ACME issuance does on a real host: ``<cert_dir>/<first domain>.crt`` and ``.key`` (0600),
+    where dn's nginx vhost expects them. Only for the sandbox: browsers will not trust it.
+    """
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from dn.errors import InvalidInput
+    from dn.models import normalize_domain
+
+    if not domains:
+        raise InvalidInput("domain", "give at least one domain")
+    names = []
+    for d in domains:
+        try:
+            names.append(normalize_domain(d, allow_wildcard=True))
+        except ValueError as e:
+            raise InvalidInput("domain", str(e)) from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .sign(key, hashes.SHA256()))
+    base = Path(host_prefix.rstrip("/") + cert_dir)
+    base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    stem = names[0].replace("*", "_wildcard")
+    crt, pem = base / f"{stem}.crt", base / f"{stem}.key"
+    _write_if_changed(pem, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()), 0o600)
+    _write_if_changed(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crt, pem
