@@ -240,15 +240,17 @@ def test_cli_db_init_on_an_empty_database_applies_everything_then_audits(pg_clus
     try:
         env = dict(dn_cli_env, DN__DATABASE__DSN=pg_cluster.dsn("dn", name),
                    DN__DATABASE__ADMIN_DSN=pg_cluster.dsn("dn_owner", name))
+        known = [m.filename for m in db.migrations()]
+        assert known[:3] == ["001_platform.sql", "002_audit.sql", "003_locks.sql"]
         r = _cli(["db", "status"], env)
-        assert r.returncode == ExitCode.POLICY and "3 migration(s) pending" in r.stderr
+        assert r.returncode == ExitCode.POLICY and f"{len(known)} migration(s) pending" in r.stderr
         r = _cli(["db", "init"], env)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines() == ["applied 001_platform.sql", "applied 002_audit.sql", "applied 003_locks.sql"]
+        assert r.stdout.splitlines() == [f"applied {f}" for f in known]
         r = _cli(["audit", "show", "--json"], env)
         (e,) = json.loads(r.stdout)
         assert (e["seq"], e["command"], e["outcome"]) == (1, "db init", "ok")
-        assert e["args"]["applied"] == ["001_platform.sql", "002_audit.sql", "003_locks.sql"]
+        assert e["args"]["applied"] == known
         assert _cli(["db", "status"], env).returncode == 0
         assert _cli(["audit", "verify"], env).returncode == 0
     finally:
