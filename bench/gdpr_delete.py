@@ -57,23 +57,32 @@ class LockSampler(threading.Thread):
         super().__init__(daemon=True)
         self.conn, self.pid, self.interval = conn, pid, interval
         self.seen: dict[str, list[float]] = {}  # "vxid mode" -> [first seen, last seen]
+        self.queries: dict[str, str] = {}
         self.samples = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
-        q = ("SELECT virtualtransaction || ' ' || mode FROM pg_locks WHERE locktype = 'relation' AND granted "
-             "AND relation = 'events'::regclass AND pid = %s")
+        q = ("SELECT l.virtualtransaction || ' ' || l.mode, a.query FROM pg_locks l "
+             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND l.granted "
+             "AND l.relation = 'events'::regclass AND l.pid = %s")
         while not self.stop.is_set():
             now = time.monotonic()
-            for (vxid,) in self.conn.execute(q, (self.pid,)).fetchall():
+            for vxid, query in self.conn.execute(q, (self.pid,)).fetchall():
+                if vxid.split(" ")[0].endswith("/0"):
+                    continue  # caught between transactions (local xid 0): not a transaction's lock
                 span = self.seen.setdefault(vxid, [now, now])
                 span[1] = now
+                self.queries[vxid] = query
             self.samples += 1
             time.sleep(self.interval)
 
     def longest_ms(self, mode: str = "") -> float:
         """The longest hold of a lock in ``mode`` (any mode: "")."""
         return max(((b - a) * 1000 for k, (a, b) in self.seen.items() if k.endswith(mode)), default=0.0)
+
+    def longest_query(self) -> str:
+        k = max(self.seen, key=lambda k: self.seen[k][1] - self.seen[k][0])
+        return f"{k}: {self.queries.get(k, '')[:300]}"
 
     def transactions(self, mode: str = "RowExclusiveLock") -> int:
         return sum(1 for k in self.seen if k.endswith(mode))
@@ -108,6 +117,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=2_000_000)
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--keep", action="store_true", help="keep the scratch database")
+    ap.add_argument("--no-autovacuum", action="store_true",
+                    help="switch autovacuum off for events (it competes for the table's locks while the deletion runs)")
     args = ap.parse_args()
 
     from psycopg import sql
@@ -144,6 +155,9 @@ def main() -> None:
                              "g * interval '1 hour' FROM generate_series(1, 17520) g", (tid,))
                 conn.execute("INSERT INTO tenant_settings (tenant_id, key, value) VALUES (%s, 'a.b', '1')", (tid,))
             conn.execute("ANALYZE")
+            if args.no_autovacuum:
+                with db.connect_dsn(cluster.dsn("postgres", name), cluster.passfile) as su:
+                    su.execute("ALTER TABLE events SET (autovacuum_enabled = off)")
             size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('events'))").fetchone()[0]
             print(f"generated {2 * args.events + args.events // 10} events ({size} with indexes) "
                   f"in {time.monotonic() - t0:.0f} s", flush=True)
@@ -191,10 +205,13 @@ def main() -> None:
                 sampler.join()
                 bystander.join()
                 left = work.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tid,)).fetchone()[0]
+                vacuums = watch.execute("SELECT autovacuum_count + autoanalyze_count FROM pg_stat_user_tables "
+                                        "WHERE relname = 'events'").fetchone()[0]
                 assert left == 0, f"{slug}: {left} events left"
                 results[how] = {"total_s": total, "lock_ms": sampler.longest_ms("RowExclusiveLock"),
                                 "any_lock_ms": sampler.longest_ms(), "txns": sampler.transactions(),
                                 "samples": sampler.samples, "batch_ms": longest_batch, "batches": batches,
+                                "autovacuum": vacuums,
                                 "bystander_max_s": max(bystander.waits, default=0.0),
                                 "bystander_median_ms": statistics.median(bystander.waits) * 1000 if bystander.waits else 0}
                 r = results[how]
@@ -205,6 +222,8 @@ def main() -> None:
                       f"(median {r['bystander_median_ms']:.1f} ms)", flush=True)
                 if spread:
                     print(f"{'':15}{spread}", flush=True)
+                print(f"{'':15}longest hold: {sampler.longest_query()}; autovacuum/analyze runs on events so far: "
+                      f"{r['autovacuum']}", flush=True)
         with db.connect(cfg) as conn:
             c_left = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (ids["bench-c"],)).fetchone()[0]
             assert c_left == args.events // 10, "the bystander tenant lost rows"

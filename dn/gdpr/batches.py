@@ -68,7 +68,7 @@ def delete_in_batches(conn: "Connection", table: str, cond: Condition, *, batch_
             floor_sql, _ = batch_delete_sql(table, cond, batch_size, order, after=True, prefix=pcol, floor=floor)
     plain_exists, _ = exists_sql(table, cond)
     stats = BatchStats(table)
-    failures = empty = 0
+    failures = empty = skipped = 0
     last: Any = None
     from_bottom = True  # this batch walks from the lowest key (the first one, or after a restart)
     while True:
@@ -110,13 +110,15 @@ def delete_in_batches(conn: "Connection", table: str, cond: Condition, *, batch_
         if order is not None:
             if not found:
                 # Rows found but skipped (updated by another session while their batch waited for
-                # them) lie behind the position the walk reached: the walk ends only when a pass
-                # from the lowest key finds nothing.
-                if from_bottom:
+                # them) lie behind the position the walk reached: then one more pass from the
+                # lowest key. (Without skips there is nothing behind it, and such a pass would
+                # only wade through every entry the walk deleted.)
+                if from_bottom or not skipped:
                     return stats
-                last, from_bottom = None, True
+                last, from_bottom, skipped = None, True, 0
                 continue
             last, from_bottom = top, False
+            skipped += found - n
             empty = empty + 1 if n == 0 else 0
         elif n <= 0:
             if not conn.execute(plain_exists, params).fetchone()[0]:
