@@ -66,6 +66,9 @@ SUBNET_PREFIX = 28  # 16 addresses: gateway, tagging, preview and room for more 
 SERVES = {"active": TenantStatus.active, "suspended": TenantStatus.suspended,
           "cancelled": TenantStatus.suspended, "deleting": TenantStatus.deleting}
 
+# Registry statuses whose tenants have a stack on their host (cancelled: destroyed, its data
+# waiting for the GDPR deletion job; deleting/deleted: in or after deletion).
+DEPLOYED = ("active", "suspended")
 OnEvent = Callable[[Any], None]
 
 
@@ -223,10 +226,12 @@ class Plan:
     before: TenantRecord | None = None
     resources: list[dict[str, Any]] = field(default_factory=list)
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    docker_backend: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "action": self.action, "tenant": self.spec.slug, "host": self.host.name,
+            "docker_backend": self.docker_backend,
             "display_name": self.display_name,
             "spec": host_view_data(self.spec),
             "changes": {k: {"from": a, "to": b} for k, (a, b) in self.changes.items()},
@@ -277,8 +282,13 @@ def _read_container_config(req: TenantRequest) -> str | None:
     return req.container_config.get_secret_value() if req.container_config is not None else None
 
 
-def plan_create(settings: "Settings", conn: "Connection", req: TenantRequest) -> Plan:
-    """Validate a create request against the settings and the registry; raises InvalidInput."""
+def plan_create(settings: "Settings", conn: "Connection", req: TenantRequest,
+                host_subnets: Callable[[], Sequence[str]] = lambda: ()) -> Plan:
+    """Validate a create request against the settings and the registry; raises InvalidInput.
+
+    A new tenant's subnet is the first free one of the host's tenant pool: not used by another
+    registered tenant nor by any Docker network already on the host (``host_subnets``, asked
+    only after the request itself is valid)."""
     host_name = req.host or settings.default_host
     settings.host(host_name)  # InvalidInput naming the configured hosts
     host = _host_of(settings, host_name)
@@ -316,12 +326,38 @@ def plan_create(settings: "Settings", conn: "Connection", req: TenantRequest) ->
                     resources=describe(spec, host, settings.retention.backup_daily_days))
     if existing is not None:  # a deleted tenant's row stays for its accounting records
         raise InvalidInput("slug", f"{spec.slug!r} belonged to a deleted tenant; choose another slug")
-    subnet = allocate_subnet(host.tenant_pool, [o.subnet for o in others if o.subnet], SUBNET_PREFIX)
+    taken = [o.subnet for o in others if o.subnet]
+    taken += [n for n in host_subnets() if _is_v4(n)]
+    subnet = allocate_subnet(host.tenant_pool, taken, SUBNET_PREFIX)
     spec = tenant_from_settings({**data, "subnet": subnet}, settings)
     _check_set(settings, spec, others, host)
     name = req.display_name or spec.slug
     _check_display_name(name)
     return Plan("create", spec, host, name, others, resources=describe(spec, host, settings.retention.backup_daily_days))
+
+
+def _is_v4(cidr: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(cidr, strict=False).version == 4
+    except ValueError:
+        return False
+
+
+def docker_subnets(settings: "Settings", host: str) -> list[str]:
+    """The subnets of every Docker network on the host (Docker refuses overlapping pools)."""
+    import json as _json
+
+    from dn import ssh
+
+    with ssh.connect(settings.host(host)) as s:
+        ids = s.run(["docker", "network", "ls", "--quiet", "--no-trunc"]).text.split()
+        if not ids:
+            return []
+        nets = _json.loads(s.run(["docker", "network", "inspect", *ids]).text or "[]")
+    return sorted({c.get("Subnet") for n in nets for c in ((n.get("IPAM") or {}).get("Config") or [])
+                   if c.get("Subnet")})
 
 
 def _first_subnet(host: HostBaseline) -> str:
@@ -370,6 +406,29 @@ def plan_update(settings: "Settings", conn: "Connection", req: TenantRequest) ->
         changes["container_config"] = ("[secret]", "[secret, new]")
     return Plan("update", spec, host, name, [o for o in others if o.slug != rec.slug], before=rec,
                 resources=describe(spec, host, settings.retention.backup_daily_days), changes=changes)
+
+
+def check_certificate(settings: "Settings", host: HostBaseline, spec: TenantSpec) -> None:
+    """The tenant's certificate and key must be on its host (``<cert_dir>/<first domain>.crt``
+    and ``.key``) before its vhost can be served; checked over SSH before anything is written."""
+    from dn import ssh
+    from dn.render.nginx import cert_paths
+
+    crt, key = cert_paths(host, spec)
+    with ssh.connect(settings.host(host.name)) as s:
+        missing = [p for p in (crt, key) if not s.exists(p)]
+    if missing:
+        raise InvalidInput("domains", f"no certificate for {spec.domains[0]} on host {host.name}: "
+                                      f"{' and '.join(missing)} missing",
+                           hint="install the certificate and its key there (mode 0600 for the key), then rerun")
+
+
+def docker_backend(settings: "Settings", environ: Mapping[str, str] | None) -> str:
+    """The docker backend the tenant's stack will use (a ConfigError when the one asked for is
+    not available), decided before anything is written."""
+    from dn.host.docker import docker_backend as choose
+
+    return choose(settings, environ)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,8 +601,11 @@ def create(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
     from dn import audit
 
     settings = ctx.settings
+    host_name = req.host or settings.default_host
     with connect(settings, "tenant create") as conn:
-        plan = plan_create(settings, conn, req)
+        plan = plan_create(settings, conn, req, lambda: docker_subnets(settings, host_name))
+    plan.docker_backend = docker_backend(settings, ctx.environ)
+    check_certificate(settings, plan.host, plan.spec)
     if on_plan:
         on_plan(plan)
     if dry_run:
@@ -551,10 +613,12 @@ def create(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
     args = {**req.audit_args(), "plan_action": plan.action, "subnet": plan.spec.subnet}
     with audit.privileged(ctx, "tenant create", args, tenant=plan.spec.slug, host=plan.host.name) as op:
         with connect(settings, "tenant create") as conn:
-            plan = plan_create(settings, conn, req)  # again under the lock: the registry may have moved
+            # again under the lock: the registry may have moved
+            plan = plan_create(settings, conn, req, lambda: docker_subnets(settings, host_name))
             if plan.action == "create":
                 _insert(conn, plan)
-            op.args["plan_action"] = plan.action
+            op.args.update(plan_action=plan.action, subnet=plan.spec.subnet)
+            plan.docker_backend = docker_backend(settings, ctx.environ)
         st = tenant_stack(settings, plan.spec, plan.others, ctx.environ, host=plan.host.name)
         op.args["secrets_written"] = ensure_secrets(settings, st, _read_container_config(req))
         result = run_stack(settings, st, "up", on_event=on_event)
@@ -571,6 +635,9 @@ def update(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
     settings = ctx.settings
     with connect(settings, "tenant update") as conn:
         plan = plan_update(settings, conn, req)
+    plan.docker_backend = docker_backend(settings, ctx.environ)
+    if "domains" in plan.changes:
+        check_certificate(settings, plan.host, plan.spec)
     if on_plan:
         on_plan(plan)
     if dry_run:
@@ -794,12 +861,15 @@ def targets(settings: "Settings", conn: "Connection", *, tenant: str | None = No
         raise InvalidInput("selection", "give exactly one of --tenant SLUG, --host NAME or --all")
     if tenant:
         rec = require_tenant(conn, tenant)
+        if rec.status not in DEPLOYED:
+            raise InvalidInput("tenant", f"tenant {rec.slug!r} is {rec.status}: it has no stack to run")
         return [Target("tenant", rec.slug, rec.host)]
     if host:
         settings.host(host)
         return [Target("host", host, host)]
     out = [Target("host", h, h) for h in sorted(settings.hosts)]
-    out += [Target("tenant", r.slug, r.host) for r in list_tenants(conn) if r.host in settings.hosts]
+    out += [Target("tenant", r.slug, r.host) for r in list_tenants(conn)
+            if r.host in settings.hosts and r.status in DEPLOYED]
     return out
 
 
