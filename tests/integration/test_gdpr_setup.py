@@ -11,7 +11,7 @@ import os
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -91,19 +91,26 @@ def billing_marker(slug: str) -> str:
     return f"Billing {slug} s.r.o."
 
 
-def add_tenant(conn, slug: str, environ: dict[str, str], *, events: int = 300, hours: int = 48, invoices: int = 3,
-               host: str = HOST, event_age: timedelta = timedelta(0)) -> int:
-    """One tenant with users (real Fernet-sealed MFA secrets), API keys and container config
-    (real Fernet tokens), settings, GTM workspaces, tracking events with IPs, user agents and
-    cookie ids, hourly statistics and invoices. ``conn``: the day-to-day role, autocommit."""
+def add_tenant(conn, slug: str, environ: dict[str, str], *, host: str = HOST, **kw) -> int:
+    """One tenant (see add_data for its rows). ``conn``: the day-to-day role, autocommit."""
+    from dn import db
+
+    r = db.row(conn, "INSERT INTO tenants (slug, display_name, plan, host, created_at) "
+                     "VALUES (%s, %s, 'standard', %s, now() - interval '400 days') RETURNING id",
+               (slug, f"Display {slug} GmbH", host))
+    add_data(conn, r["id"], slug, environ, **kw)
+    return r["id"]
+
+
+def add_data(conn, tid: int, slug: str, environ: dict[str, str], *, events: int = 300, hours: int = 48,
+             invoices: int = 3, event_age: timedelta = timedelta(0), container: bool = True) -> None:
+    """A tenant's users (real Fernet-sealed MFA secrets), API keys and container config (real
+    Fernet tokens), settings, GTM workspaces, tracking events with IPs, user agents and cookie
+    ids, hourly statistics and invoices."""
     from dn import db
     from dn.gdpr.keys import keyring
 
     ring = keyring(environ)
-    r = db.row(conn, "INSERT INTO tenants (slug, display_name, plan, host, created_at) "
-                     "VALUES (%s, %s, 'standard', %s, now() - interval '400 days') RETURNING id",
-               (slug, f"Display {slug} GmbH", host))
-    tid = r["id"]
     user_ids = []
     for u in range(1, 5):
         token, kid = ring.encrypt(secrets.token_bytes(20)) if u % 2 else (None, None)
@@ -119,9 +126,10 @@ def add_tenant(conn, slug: str, environ: dict[str, str], *, events: int = 300, h
         conn.execute("INSERT INTO api_keys (tenant_id, key_id, key_ciphertext, fernet_key_id, label, created_by) "
                      "VALUES (%s, %s, %s, %s, %s, %s)",
                      (tid, f"k_{slug[:20]}_{k}_{secrets.token_hex(4)}", token, kid, f"key {k}", user_ids[0]))
-    token, kid = ring.encrypt(b"aWQ9R1RNLVRFU1QmZW52PTEmYXV0aD14eXo=")
-    conn.execute("INSERT INTO tenant_containers (tenant_id, container_config_ciphertext, fernet_key_id, replicas) "
-                 "VALUES (%s, %s, %s, 2)", (tid, token, kid))
+    if container:
+        token, kid = ring.encrypt(b"aWQ9R1RNLVRFU1QmZW52PTEmYXV0aD14eXo=")
+        conn.execute("INSERT INTO tenant_containers (tenant_id, container_config_ciphertext, fernet_key_id, replicas) "
+                     "VALUES (%s, %s, %s, 2)", (tid, token, kid))
     conn.execute("INSERT INTO tenant_settings (tenant_id, key, value) VALUES (%s, 'tracking.consent_mode', %s), "
                  "(%s, 'contact.name', %s)", (tid, db.jsonb({"enabled": True}), tid, db.jsonb(f"Person of {slug} #1")))
     for v in (1, 2):
@@ -150,7 +158,6 @@ def add_tenant(conn, slug: str, environ: dict[str, str], *, events: int = 300, h
                current_date - i * 30 + 7, 990 + i, round((990 + i) * 0.21, 2), 'CZK',
                %(bill)s, 'Ulice ' || %(t)s || ', Praha', 'CZ' || (10000000 + %(t)s)
         FROM generate_series(1, %(n)s) i""", {"t": tid, "n": invoices, "bill": billing_marker(slug)})
-    return tid
 
 
 def add_request(conn, tenant_id: int, received_days_ago: float = 2) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from dn.errors import PolicyViolation
 from dn.gdpr import retention
-from tests.fixtures.postgres import backdate_audit, to_toml
+from tests.fixtures.postgres import backdate_audit
 
 pytestmark = [pytest.mark.postgres]
 
