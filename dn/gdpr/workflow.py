@@ -220,7 +220,7 @@ class Deletion:
                 self._begin(pos, step)
                 self.emit(step, "start", planmod.STEP_TITLES[step])
                 if step == "certificate":
-                    return self._certificate(pos)
+                    return self._certificate()
                 result = getattr(self, "_step_" + step.replace("-", "_"))()
                 self.emit(step, "result", str(result.get("summary", "")))
                 self._end(step, result)
@@ -340,7 +340,7 @@ class Deletion:
         return {"summary": "minimised " + (", ".join(f"{k} ({v['rows']} rows)" for k, v in done.items()) or "nothing"),
                 "tables": done}
 
-    def _certificate(self, pos: int) -> dict[str, Any]:
+    def _certificate(self) -> dict[str, Any]:
         from dn import db
 
         t = self.p.tenant

@@ -1,0 +1,156 @@
+"""`dn gdpr delete` end to end through the `dn` command on a tenant made by `dn tenant create`
+with the real Pulumi engine on the sandbox EU host (dn's own docker backend): its containers,
+network, vhost, firewall chains, LUKS volume and backup timer exist; a real backup of it exists;
+after the deletion none of them does, the LUKS header was erased (luksDump: no keyslot) before
+the file went, the backup can no longer be decrypted, and the database holds nothing personal
+of the tenant except its invoices."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_gdpr_setup import add_data, billing_marker, fernet_key, markers, scan, wipe_gdpr
+from tests.stacks import e2e
+
+pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
+              pytest.mark.skipif(e2e.engine_missing() is not None, reason=e2e.engine_missing() or "")]
+
+SLUG = "gdpr-e2e"
+DOMAIN = "gtm.gdpr-e2e.example"
+CONFIG = "Z2Rwci1lMmUtY29udGFpbmVyLWNvbmZpZy12YWx1ZQ=="
+
+
+def _self_signed(host, domain: str) -> list[Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    d = Path(host.path(host.cert_dir))
+    d.mkdir(parents=True, exist_ok=True)
+    crt, k = d / f"{domain}.crt", d / f"{domain}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    k.chmod(0o600)
+    return [crt, k]
+
+
+@pytest.fixture
+def env(sandbox, dn_settings_data, tmp_path, pg_super):
+    from dn.backup.store import Store
+    from dn.models import HostBaseline
+
+    e2e.ensure_host_dn()
+    wipe_gdpr(pg_super)
+    path = f"/backups/test-gdpr-e2e-{uuid.uuid4().hex[:10]}"
+    backup = {**sandbox.settings.backup.model_dump(mode="json", exclude_none=True), "path": path, "retries": 1}
+    with e2e.host_lock():
+        env = e2e.make_env(sandbox, dn_settings_data, tmp_path, backup=backup)
+        env.env["DN_FERNET_KEYS"] = fernet_key()
+        host = HostBaseline.from_settings(env.settings)
+        files = _self_signed(host, DOMAIN)
+        code, _, err = env.dn_json("host", "up")
+        assert code == 0, err
+        try:
+            yield env, host
+        finally:
+            if (Path(env.settings.data_dir) / "stacks" / SLUG).exists():
+                env.dn("tenant", "destroy", SLUG, "--yes")
+            for f in files:
+                f.unlink(missing_ok=True)
+            with Store.open(env.settings.backup, retries=0) as store:
+                if store._exists(path):
+                    for lst in store.list():
+                        store.remove(lst.id)
+                    for sub in ("keys/destroyed", "keys"):
+                        d = f"{path}/{sub}"
+                        if store._exists(d):
+                            for n in store.sftp.listdir(d):
+                                if n != "destroyed":
+                                    store.sftp.remove(f"{d}/{n}")
+                            store.sftp.rmdir(d)
+                    store.sftp.rmdir(path)
+            wipe_gdpr(pg_super)
+
+
+def test_a_tenant_made_by_dn_is_erased_from_host_backups_and_database(env, sandbox):
+    from dn import db
+    from dn.backup import crypto, drill, keys, run
+    from dn.models import TenantSpec
+
+    env, host = env
+    r = env.dn("tenant", "create", SLUG, "--domain", DOMAIN, "--name", "GDPR E2E s.r.o.", "--container-config-stdin",
+               input=CONFIG)
+    assert r.returncode == 0, r.stderr
+    spec = TenantSpec.model_construct(slug=SLUG)
+    image = host.path(spec.volume_image)
+    vhost = Path(host.path(f"/etc/nginx/dn/vhosts/{SLUG}.conf"))
+    timer = Path(host.path(f"/etc/systemd/system/{spec.backup_unit}.timer"))
+    assert sandbox.ns_exec(["cryptsetup", "isLuks", image], check=False).returncode == 0
+    assert vhost.is_file() and timer.is_file()
+    assert sandbox.docker(["network", "inspect", spec.network], check=False).returncode == 0
+
+    with db.connect(env.settings.database) as conn:
+        tid = conn.execute("SELECT id FROM tenants WHERE slug = %s", (SLUG,)).fetchone()[0]
+        add_data(conn, tid, SLUG, env.env, events=200, hours=24, invoices=2)
+    r = env.dn("backup", "run", "--tenant", SLUG)
+    assert r.returncode == 0, r.stderr
+    backup_id = r.stdout.strip()
+
+    code, req, err = env.dn_json("gdpr", "request", SLUG)
+    assert code == 0, err
+    rid = req["request_id"]
+    r = env.dn("gdpr", "delete", SLUG, "--request-id", str(rid), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"docker network: {spec.network}" in r.stdout and "crypto-erase" in r.stdout and "events" in r.stdout
+
+    code, out, err = env.dn_json("gdpr", "delete", SLUG, "--request-id", str(rid), "--yes")
+    assert code == 0, err
+    cert = out["certificate"]
+    steps = {s["step"]: s["result"] for s in cert["steps"]}
+    # the volume: erased (luksDump after the erase lists no keyslot), then removed
+    assert steps["luks"]["present"] and steps["luks"]["keyslots_before"] == {image: [0]}
+    assert steps["luks"]["after_erase"][image]["keyslots"] == [] and steps["luks"]["files_after"] == []
+    assert "Keyslots:" in steps["luks"]["after_erase"][image]["luks_dump"]
+    # the stack: destroyed through dn.tenants, and the probe finds nothing of it
+    assert steps["stack"]["stack_existed"] and steps["stack"]["probe"]["present"] == []
+    # the backup: its key destroyed
+    assert [b["id"] for b in steps["backup-keys"]["tenant_backups"]] == [backup_id]
+
+    assert not Path(image).exists() and not vhost.exists() and not timer.exists()
+    assert sandbox.docker(["network", "inspect", spec.network], check=False).returncode != 0
+    for c in (spec.tagging_container, spec.preview_container):
+        assert sandbox.docker(["container", "inspect", c], check=False).returncode != 0
+    v4 = sandbox.ns_exec(["iptables-save"]).stdout.decode()
+    assert spec.chain_forward not in v4 and spec.chain_input not in v4
+    with run.open_store(env.settings) as store:
+        m = store.manifest(backup_id)
+        with pytest.raises(crypto.MissingKey, match="crypto-shredded"):
+            drill.key_lookup(keys.keystore(env.settings, env.env), store, m)
+    with db.connect(env.settings.database) as conn:
+        for mk in markers(SLUG):
+            assert scan(conn, mk) == {}, mk
+        assert scan(conn, billing_marker(SLUG)) == {"invoices": 2}
+        # the name and domain given to `dn tenant create` survive only in that command's audit
+        # entry: the append-only log keeps it until the anchored prune (retention.audit_days)
+        for given in ("GDPR E2E s.r.o.", DOMAIN):
+            assert scan(conn, given) == {"audit_log": 1}, given
+            assert conn.execute("SELECT command FROM audit_log WHERE args::text LIKE %s",
+                                (f"%{given}%",)).fetchall() == [("tenant create",)]
+        assert conn.execute("SELECT status FROM tenants WHERE id = %s", (tid,)).fetchone() == ("deleted",)
+    code, listed, _ = env.dn_json("tenant", "list")
+    assert code == 0 and SLUG not in [t["slug"] for t in listed]
+    assert CONFIG not in json.dumps(out)
