@@ -15,7 +15,7 @@ def verify(
     ctx: typer.Context,
     check: Optional[List[str]] = typer.Option(None, "--check", metavar="ID",
                                               help="run only this check (repeatable); see `dn verify list`"),
-    host: Optional[str] = typer.Option(None, "--host", help="the host to verify (default: default_host)"),
+    host: Optional[str] = typer.Option(None, "--host", metavar="NAME", help="the host to verify (default: default_host)"),
     json: bool = typer.Option(False, "--json", help="print JSON (same as --format json)"),
     fmt: str = typer.Option("table", "--format", metavar="table|json|markdown", help="output format"),
     alert: bool = typer.Option(False, "--alert", help="send the alert (settings alert) when a check FAILs"),

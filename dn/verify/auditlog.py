@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from dn.verify.core import Status
+from dn.verify.core import Status, plural
 
 if TYPE_CHECKING:
     from dn.verify.probe import Probe
@@ -17,9 +17,9 @@ GRACE_DAYS = 1  # the prune runs daily: an entry may outlive the retention by up
 
 def check_chain(probe: "Probe") -> tuple[Status, list[str]]:
     r = probe.audit_verify()
-    ev = [f"{r.checked} entries checked"
+    ev = [f"{plural(r.checked, 'entry', 'entries')} checked"
           + (f" (#{r.first_seq}..#{r.last_seq})" if r.first_seq is not None else "")
-          + f"; chain head #{r.head_seq}; {r.anchors} anchor(s)"
+          + f"; chain head #{r.head_seq}; {plural(r.anchors, 'anchor')}"
           + (f", latest over #..{r.anchor.anchor_seq}" if r.anchor else "")]
     ev.append(f"witness of this machine: #{r.witness.seq} seen {r.witness.seen_at}" if r.witness
               else "no witness on this machine yet (first verification here)")
@@ -41,11 +41,11 @@ def check_retention(probe: "Probe") -> tuple[Status, list[str]]:
     anchors = probe.query(
         "SELECT anchor_seq, anchor_at, signed_at, pruned_from, pruned_count FROM audit_anchor ORDER BY anchor_seq",
         what="reading the audit anchors")
-    ev.append(f"{row['n']} entries, oldest {row['oldest']:%Y-%m-%d} (#{row['first']})" if row["n"]
+    ev.append(f"{plural(row['n'], 'entry', 'entries')}, oldest {row['oldest']:%Y-%m-%d} (#{row['first']})" if row["n"]
               else "no entries")
     if row["overdue"]:
-        fails.append(f"{row['overdue']} entries older than {days} days remain (oldest {row['overdue_oldest']:%Y-%m-%d}): "
-                     "the retention prune is overdue")
+        fails.append(f"{plural(row['overdue'], 'entry', 'entries')} older than {days} days still in the log "
+                     f"(oldest {row['overdue_oldest']:%Y-%m-%d}): the retention prune is overdue")
     for a in anchors:
         kept = (a["signed_at"] - a["anchor_at"]).days
         line = (f"anchor #{a['anchor_seq']}: pruned #{a['pruned_from']}..#{a['anchor_seq']} ({a['pruned_count']} entries) "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from dn.verify.core import Status, Unknown
+from dn.verify.core import Status, Unknown, plural
 
 if TYPE_CHECKING:
     from dn.verify.probe import Probe
@@ -38,8 +38,8 @@ def check_fresh(probe: "Probe") -> tuple[Status, list[str]]:
     listings = probe.backups()
     platform = _platform(listings)
     region = f"{probe.settings.backup.region} ({probe.settings.backup.address})" if probe.settings.backup else "?"
-    ev = [f"second region {region}: {len(platform)} platform backups, "
-          f"{sum(1 for lst in listings if lst.manifest is None)} incomplete uploads"]
+    ev = [f"second region {region}: {plural(len(platform), 'platform backup')}, "
+          f"{plural(sum(1 for lst in listings if lst.manifest is None), 'incomplete upload')}"]
     if not platform:
         return Status.FAIL, ["no platform backup in the second region"] + ev
     newest = platform[-1]
@@ -217,7 +217,7 @@ def check_drill(probe: "Probe") -> tuple[Status, list[str]]:
     except Exception as e:  # the local history still tells
         listings, region_note = [], f"second region not read: {e}"
     known = drills(probe.drill_history(), listings)
-    ev = [f"{len(known)} restore drills recorded"] + ([region_note] if region_note else [])
+    ev = [f"{plural(len(known), 'restore drill')} recorded"] + ([region_note] if region_note else [])
     if not known:
         if region_note:
             raise Unknown(f"no drill in this machine's history, and the {region_note}", ev)

@@ -25,8 +25,8 @@ CLAIMS: tuple[Claim, ...] = (
           "Per-tenant Docker network namespaces + iptables; No access between sGTM containers",
           "docker network inspect (own bridge network per tenant, enable_icc=false), docker inspect (each sGTM "
           "container attached only to its tenant's network, no container publishes a port), the tenant's "
-          "iptables chains and hooks, and connections attempted from inside each tenant's container to every "
-          "other sGTM container and to the host's services",
+          "iptables chains and hooks, and connections attempted from each tenant container's network namespace "
+          "to every other sGTM container and to the host's services",
           network.check_tenant_isolation),
     Claim("nginx.rate-limits",
           "Nginx reverse proxy with rate-limiting per IP and per tenant",
@@ -44,7 +44,8 @@ CLAIMS: tuple[Claim, ...] = (
           "max-age ≥ 15552000 (180 days) on the live response",
           nginx.check_hsts),
     Claim("nginx.no-drift",
-          "Nginx reverse proxy with rate-limiting per IP and per tenant; In transit: TLS 1.2 / 1.3, Let's Encrypt auto-renewal, HSTS",
+          "Nginx reverse proxy with rate-limiting per IP and per tenant; "
+          "In transit: TLS 1.2 / 1.3, Let's Encrypt auto-renewal, HSTS",
           "every file nginx loads (nginx -T) equals what dn renders for the registered tenants, no other vhost "
           "is loaded, and no file changed after nginx last reloaded",
           nginx.check_no_drift),

@@ -64,6 +64,11 @@ class Unknown(Exception):
         self.evidence = list(evidence)
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 backup``, ``2 backups`` (``words`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def trim(lines: Iterable[str], limit: int = EVIDENCE_LIMIT) -> list[str]:
     out = [str(x)[:300] for x in lines]
     if len(out) > limit:

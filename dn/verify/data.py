@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dn.verify.core import Status
+from dn.verify.core import Status, plural
 
 if TYPE_CHECKING:
     from dn.verify.probe import Probe
@@ -28,9 +28,9 @@ def check_events(probe: "Probe") -> tuple[Status, list[str]]:
         "SELECT count(*) AS n, min(occurred_at) AS oldest,"
         " count(*) FILTER (WHERE occurred_at < now() - make_interval(days => %s)) AS old"
         " FROM events", (EVENTS_DAYS + GRACE_DAYS,), what="reading events")[0]
-    ev = [f"{row['n']} captured events" + (f", oldest {row['oldest']:%Y-%m-%d %H:%M} UTC" if row["oldest"] else "")]
+    ev = [f"{plural(row['n'], 'captured event')}" + (f", oldest {row['oldest']:%Y-%m-%d %H:%M} UTC" if row["oldest"] else "")]
     if row["old"]:
-        fails.append(f"{row['old']} events are older than {EVENTS_DAYS} days (+{GRACE_DAYS} day for the daily "
+        fails.append(f"{plural(row['old'], 'event')} older than {EVENTS_DAYS} days (+{GRACE_DAYS} day for the daily "
                      f"enforcement); oldest {row['oldest']:%Y-%m-%d}")
     return (Status.FAIL if fails else Status.PASS), fails + ev
 
@@ -44,9 +44,9 @@ def check_aggregates(probe: "Probe") -> tuple[Status, list[str]]:
         "SELECT count(*) AS n, min(hour) AS oldest,"
         " count(*) FILTER (WHERE hour < now() - make_interval(months => %s, days => %s)) AS old"
         " FROM hourly_stats", (AGGREGATES_MONTHS, GRACE_DAYS), what="reading hourly_stats")[0]
-    ev = [f"{row['n']} hourly aggregates" + (f", oldest hour {row['oldest']:%Y-%m-%d %H:00} UTC" if row["oldest"] else "")]
+    ev = [f"{plural(row['n'], 'hourly aggregate')}" + (f", oldest hour {row['oldest']:%Y-%m-%d %H:00} UTC" if row["oldest"] else "")]
     if row["old"]:
-        fails.append(f"{row['old']} hourly aggregates are older than {AGGREGATES_MONTHS} months; oldest "
+        fails.append(f"{plural(row['old'], 'hourly aggregate')} older than {AGGREGATES_MONTHS} months; oldest "
                      f"{row['oldest']:%Y-%m-%d}")
     return (Status.FAIL if fails else Status.PASS), fails + ev
 
@@ -71,7 +71,7 @@ def check_deadlines(probe: "Probe") -> tuple[Status, list[str]]:
             ev.append(f"{line}: {-float(r['days_over']):.1f} days left")
     done = probe.query("SELECT count(*) AS n, count(*) FILTER (WHERE completed_at > due_at) AS late"
                        " FROM deletion_requests WHERE completed_at IS NOT NULL", what="reading deletion requests")[0]
-    ev.insert(0, f"{len(reqs)} open deletion requests; {done['n']} completed"
+    ev.insert(0, f"{plural(len(reqs), 'open deletion request')}; {done['n']} completed"
                  + (f" ({done['late']} of them after their deadline)" if done["late"] else ""))
     cancelled = probe.query(
         "SELECT slug, cancelled_at, extract(epoch FROM now() - cancelled_at) / 86400 AS days"

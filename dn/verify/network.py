@@ -3,7 +3,8 @@
 The pure part reads facts — ``ss`` listeners, ``iptables-save`` rulesets, ``docker inspect`` —
 into what they mean: which traffic the firewall accepts from whom, which containers sit on which
 networks. The checks combine those with active probes: a TCP connect scan of the host's address
-from dn's own side, and connections attempted from inside each tenant's container.
+from dn's own side, and connections attempted from each tenant container's network namespace
+(nsenter on the host: host tools only, whatever the image holds).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from dn.models import BRIDGE_PREFIX, TENANT_PORT
 from dn.render.iptables import SavedTable, parse_save
-from dn.verify.core import Status, Unknown
+from dn.verify.core import Status, Unknown, plural
 from dn.verify.probe import EXTRA_SCAN_PORTS
 from dn.verify.tenants import NETWORK_PREFIX, TenantNames, registered, slug_of_network
 
@@ -376,18 +377,25 @@ def check_public_ports(probe: "Probe") -> tuple[Status, list[str]]:
     t = time.monotonic()
     accepted = probe.tcp_scan(ports)
     took = time.monotonic() - t
-    sources = sorted(set(accepted.values()))
-    ev.append(f"active scan of {host.address} from {', '.join(sources) or 'this machine'}: {len(ports)} TCP ports "
+    seen = probe.seen_from() or next(iter(accepted.values()), None)
+    ev.append(f"active scan of {host.address} from {seen or 'this machine'}: {len(ports)} TCP ports "
               f"(1-1024, {len(EXTRA_SCAN_PORTS)} common service ports, every listening port) in {took:.1f}s; "
               f"accepted: {', '.join(str(p) for p in sorted(accepted)) or 'none'}")
-    for port, src in sorted(accepted.items()):
+    accepts_here = input_accepts(rulesets[4], 4)[1] if ":" not in host.address else input_accepts(rulesets[6], 6)[1]
+    for port in sorted(accepted):
         if port in PUBLIC_PORTS:
             continue
-        if port == ssh_port and address_in(src, host.admin_sources):
-            ev.append(f"  {port}/tcp (SSH) answered this prober: {src} is an admin source; "
-                      "net.admin-ssh checks who else may reach it")
-            continue
-        fails.append(f"active scan: {host.address}:{port}/tcp accepted a connection from {src}")
+        covering = [a for a in accepts_here if a.covers("tcp", port)]
+        if any(a.public for a in covering):
+            fails.append(f"active scan: {host.address}:{port}/tcp accepted a connection from {seen}")
+        elif seen and (mine := [a for a in covering if address_in(seen, list(a.sources or ()))]):
+            what = "SSH" if port == ssh_port else "a service"
+            ev.append(f"  {port}/tcp ({what}) answered this prober, which the firewall lets in from "
+                      f"{', '.join(s for a in mine for s in a.sources or ())} only — not public"
+                      + (" (net.admin-ssh judges who else may reach SSH)" if port == ssh_port else ""))
+        else:
+            fails.append(f"active scan: {host.address}:{port}/tcp accepted a connection from {seen}, although "
+                         "no firewall rule read here accepts it")
     return (Status.FAIL if fails else Status.PASS), fails + ev
 
 
@@ -587,8 +595,8 @@ def check_tenant_isolation(probe: "Probe") -> tuple[Status, list[str]]:
         filt = None
         ev.append(f"firewall not read: {e}")
     views = tenant_views(tenants, networks, containers)
-    ev.insert(0, f"{len(tenants)} registered tenants on {probe.host_name}; {len(views)} tenant networks or "
-                 f"tenants found; {len(containers)} containers on the host")
+    ev.insert(0, f"{plural(len(tenants), 'registered tenant')} on {probe.host_name}; {plural(len(views), 'tenant')} "
+                 f"found (registry and tenant networks); {plural(len(containers), 'container')} on the host")
     for v in views:
         f, e = structure_findings(v, filt)
         if v.registered:
@@ -618,17 +626,18 @@ def check_tenant_isolation(probe: "Probe") -> tuple[Status, list[str]]:
             continue
         src = sorted(own, key=lambda c: v.names.containers.index(_name(c)))[0]  # the tagging server first
         targets = probe_targets(src, v, views, [probe.host.address], host_ports)
-        if targets:
-            jobs.append((_name(src), targets))
+        pid = (src.get("State") or {}).get("Pid")
+        if targets and pid:
+            jobs.append((_name(src), int(pid), targets))
     # Each probe waits out its filtered targets; the tenants' probes run side by side.
     with ThreadPoolExecutor(max_workers=PROBE_PARALLEL) as pool:
         outcomes = list(pool.map(lambda job: probe.container_connect(*job), jobs))
     probed = len(jobs)
-    for (src, targets), result in zip(jobs, outcomes):
+    for (src, _, targets), result in zip(jobs, outcomes):
         reached = [t for t, ok in result.items() if ok]
         for t in reached:
             fails.append(f"active probe: {src} reached {t}{_describe_target(t, views, probe)}")
-        ev.append(f"active probe from {src}: {len(targets)} targets (other sGTM containers :{TENANT_PORT}, "
+        ev.append(f"active probe from {src}'s network namespace: {len(targets)} targets (other sGTM containers :{TENANT_PORT}, "
                   f"host ports {', '.join(map(str, host_ports)) or 'none'}), {len(targets) - len(reached)} "
                   "refused or filtered")
     if not probed:

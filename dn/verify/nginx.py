@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from dn.errors import DnError
 from dn.render.nginx import VHOST_DIR, Directive, parse_config
-from dn.verify.core import Status, Unknown
+from dn.verify.core import Status, Unknown, plural
 from dn.verify.tenants import registered
 
 if TYPE_CHECKING:
@@ -198,7 +198,8 @@ def check_rate_limits(probe: "Probe") -> tuple[Status, list[str]]:
                      if _proxying_locations(s.block.block, _limits(s.block.block or (), ([], [])))):
             ev.append(f"tenant {t.slug}: its vhost proxies nothing (not served)")
     proxying = sum(1 for s in cfg.servers if _proxying_locations(s.block.block, ([], [])))
-    ev.insert(0, f"{len(cfg.files)} configuration files loaded; {proxying} servers proxy to tenant containers")
+    ev.insert(0, f"{plural(len(cfg.files), 'configuration file')} loaded; {plural(proxying, 'server')} proxy to tenant "
+                 "containers")
     if not proxying and not fails:
         ev.append("no server proxies anywhere: nothing to rate-limit")
     return (Status.FAIL if fails else Status.PASS), fails + ev
@@ -363,5 +364,5 @@ def check_no_drift(probe: "Probe") -> tuple[Status, list[str]]:
     for path in cfg.files:
         if path not in expected and path.startswith(vhost_dir):
             fails.append(f"{path}: loaded by nginx but not rendered by dn")
-    ev.insert(0, f"{len(specs)} registered tenants; compared the base config and {len(specs)} vhost(s)")
+    ev.insert(0, f"{plural(len(specs), 'registered tenant')}: compared the base config and every vhost")
     return (Status.FAIL if fails else Status.PASS), fails + ev

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from dn.errors import DnError, OperationFailed
+from dn.errors import DnError
 from dn.verify.core import Unknown
 
 if TYPE_CHECKING:
@@ -47,13 +47,16 @@ SCAN_BATCH = 512  # sockets in flight at once (fewer when the open-file limit is
 TLS_TIMEOUT = 5.0
 CONTAINER_PROBE_TIMEOUT = 2  # seconds busybox nc waits for a connection inside a tenant container
 
-# Run inside a tenant container (busybox sh): try every "address:port" given as an argument, all
-# at once, and print "open T" or "closed T" for each. Targets arrive as separate, quoted argv
-# items ("$@"), never spliced into the script.
-_CONTAINER_PROBE = (
+# Run on the host inside a container's network namespace (nsenter): try every "address:port"
+# given as an argument, all at once, with bash's /dev/tcp, and print "open T" or "closed T" for
+# each. Host tools only, so it works whatever the image holds (sGTM's has no shell). Targets
+# arrive as separate, quoted argv items ("$@") and reach the inner bash as arguments, never as
+# script text.
+_NETNS_PROBE = (
     'w="$1"; shift; '
     'for t in "$@"; do ( h="${t%:*}"; p="${t##*:}"; '
-    'if nc -w "$w" "$h" "$p" </dev/null >/dev/null 2>&1; then echo "open $t"; else echo "closed $t"; fi ) & '
+    'if timeout "$w" bash -c \'exec 3<>"/dev/tcp/$0/$1"\' "$h" "$p" 2>/dev/null; '
+    'then echo "open $t"; else echo "closed $t"; fi ) & '
     'done; wait'
 )
 
@@ -219,6 +222,14 @@ class Probe:
     def global_ipv6(self) -> str:
         return self.host_cmd("ip6", ["ip", "-6", "-o", "addr", "show", "scope", "global"], what="ip -6 addr")
 
+    def seen_from(self) -> str | None:
+        """This machine's address as the host sees it (``$SSH_CONNECTION`` there): behind NAT it
+        is not the local socket's address."""
+        def read():
+            parts = self.run(["printenv", "SSH_CONNECTION"]).text.split()
+            return parts[0] if len(parts) == 4 else None
+        return self.cached("seen from", read)
+
     def nginx_dump(self) -> str:
         """``nginx -T`` with the host's prefix and main config: every file nginx loads, as loaded."""
         def dump():
@@ -250,13 +261,16 @@ class Probe:
         return self.cached("networks", lambda: self._docker_json(
             ["network", "ls", "-q", "--no-trunc"], ["network", "inspect"], "network"))
 
-    def container_connect(self, container: str, targets: Sequence[str],
+    def container_connect(self, container: str, pid: int, targets: Sequence[str],
                           timeout: int = CONTAINER_PROBE_TIMEOUT) -> dict[str, bool]:
-        """From inside ``container`` on the host, try a TCP connection to each ``address:port``
-        (all at once, ``timeout`` seconds each); returns target -> connected."""
+        """From the network namespace of ``container`` (its process ``pid`` on the host), try a
+        TCP connection to each ``address:port`` (all at once, ``timeout`` seconds each); returns
+        target -> connected. The packets leave through the container's own interface with its
+        address, exactly as the container's would."""
         if not targets:
             return {}
-        argv = ["docker", "exec", container, "sh", "-c", _CONTAINER_PROBE, "sh", str(int(timeout)), *targets]
+        argv = ["nsenter", f"--net=/proc/{int(pid)}/ns/net", "--", "bash", "-c", _NETNS_PROBE, "bash",
+                str(int(timeout)), *targets]
         r = self.run(argv, timeout=timeout + 30)
         seen: dict[str, bool] = {}
         for line in r.text.splitlines():
@@ -266,8 +280,8 @@ class Probe:
         missing = [t for t in targets if t not in seen]
         if missing:
             err = r.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise Unknown(f"the probe inside {container} did not report {len(missing)} of {len(targets)} targets"
-                          + (f" ({err[-1][:160]})" if err else f" (exit {r.rc})"))
+            raise Unknown(f"the probe in the network namespace of {container} did not report {len(missing)} of "
+                          f"{len(targets)} targets" + (f" ({err[-1][:160]})" if err else f" (exit {r.rc})"))
         return seen
 
     # -- active probes from this machine ---------------------------------------------------------

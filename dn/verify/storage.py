@@ -15,7 +15,7 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from dn.verify.core import Status, Unknown
+from dn.verify.core import Status, Unknown, plural
 from dn.verify.tenants import registered
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def check_luks(probe: "Probe") -> tuple[Status, list[str]]:
         f, e = check_volume(probe, posixpath.basename(path), base.path(path))
         fails += f
         ev += e
-    ev.insert(0, f"{len(tenants)} tenant volumes on {probe.host_name}")
+    ev.insert(0, f"{plural(len(tenants), 'tenant volume')} on {probe.host_name}")
     try:
         f, e = postgres_findings(probe)
     except Unknown as u:
