@@ -210,7 +210,7 @@ class TenantRequest:
     def audit_args(self) -> dict[str, Any]:
         """The request as the audit entry records it (the secret only as "given or not")."""
         out = {k: v for k, v in self.__dict__.items() if v is not None and k != "container_config"}
-        out["container_config_given"] = self.container_config is not None
+        out["sgtm_config_given"] = self.container_config is not None
         return out
 
 
@@ -567,6 +567,10 @@ def run_stack(settings: "Settings", st: Any, op: str, *, on_event: OnEvent | Non
         out = engine.refresh(st, on_event=cb, preview_only=True)
     elif op == "destroy":
         out = engine.destroy(st, on_event=cb, remove=True)
+        # the work dir holds the stack's (encrypted) config: with the stack gone it has no use
+        import shutil
+
+        shutil.rmtree(engine.stack_work_dir(settings, st.name), ignore_errors=True)
     else:
         raise ValueError(op)
     res.changes = out.changes

@@ -39,7 +39,7 @@ def _config(args: ResourceValidationArgs) -> v.Config:
 
 def _resource_policy(p: v.Policy) -> ResourceValidationPolicy:
     def validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
-        res = v.Resource(args.resource_type, args.name, args.props, args.urn)
+        res = v.Resource(args.resource_type, args.name, v.plain(args.props), args.urn)
         if not p.applies(res):
             return
         for message in p.check(res, _config(args)):

@@ -60,6 +60,21 @@ class Resource:
         return kind_of(self.type, self.name)
 
 
+def plain(value: Any) -> Any:
+    """Inputs as plain dicts, lists and scalars: the policy SDK hands them over as read-only
+    Mapping/Sequence proxies (secrets unwrapped), which dn's models do not accept as lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(x) for k, x in value.items()}
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, Sequence):
+        return [plain(x) for x in value]
+    inner = getattr(value, "value", None)
+    if type(value).__name__ == "Secret" and inner is not None:
+        return plain(inner)
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     """The pack's configuration: allowed registries and the backup retention dn is configured

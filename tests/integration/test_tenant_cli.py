@@ -230,7 +230,7 @@ def test_tenant_lifecycle_on_the_sandbox_host(lifecycle, sandbox):
         (SLUG, "ACME Corp", "standard", HOST, "active")
     (entry,) = audit(env, "tenant create")
     assert (entry["tenant"], entry["host"], entry["outcome"], entry["exit_code"]) == (SLUG, HOST, "ok", 0)
-    assert entry["args"]["container_config_given"] is True and CONFIG not in json.dumps(entry["args"])
+    assert entry["args"]["sgtm_config_given"] is True and CONFIG not in json.dumps(entry["args"])
     assert not [h for h in rows(env, "SELECT resource FROM op_locks") if SLUG in h["resource"]]
 
     # the host has every part of the tenant
@@ -288,6 +288,20 @@ def test_tenant_lifecycle_on_the_sandbox_host(lifecycle, sandbox):
     assert upd["outcome"] == "ok" and upd["args"]["changes_requested"] == ["limits", "plan"]
     r = env.dn("preview", "--tenant", SLUG, "--format", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["changed"] is False, r.stdout[-2000:]
+
+    # -- the policy pack run by the real engine against a non-compliant deployment: the stand-in
+    # image's registry is not allowed by a stricter configuration
+    strict = env.write_config(env.config.with_name("strict.toml"),
+                              **{"images.allowed_registries": ["gcr.io/cloud-tagging-10302018/"]})
+    r = env.dn("preview", "--tenant", SLUG, "--format", "json", config=strict)
+    assert r.returncode == ExitCode.POLICY, r.stderr
+    pv = json.loads(r.stdout)
+    assert {(x["policy"], x["urn"].rsplit("::", 1)[-1]) for x in pv["violations"]} == {
+        ("dn-allowed-registries", f"{SLUG}-tagging"), ("dn-allowed-registries", f"{SLUG}-preview")}
+    md = env.dn("preview", "--tenant", SLUG, "--format", "markdown", config=strict)
+    assert md.returncode == ExitCode.POLICY and "⛔ **mandatory** `dn-allowed-registries`" in md.stdout
+    blocked = env.dn("up", "--tenant", SLUG, config=strict)
+    assert blocked.returncode == ExitCode.POLICY and "dn-allowed-registries" in blocked.stderr
 
     # -- a failed update leaves the previous containers serving; rerunning with a fix converges
     r = env.dn("tenant", "update", SLUG, "--image", "dn.local/sgtm-standin:404")

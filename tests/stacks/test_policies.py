@@ -179,3 +179,18 @@ def test_container_views_of_both_backends_agree():
     broken = v.Resource(dyn.type, dyn.name, {**dyn.props, "memory_mb": "lots"})
     assert {x.policy for x in v.validate(broken)} == {"dn-no-published-ports", "dn-container-hardening",
                                                       "dn-allowed-registries"}
+
+
+def test_inputs_from_the_policy_sdk_are_made_plain():
+    """The analyzer hands resources over as read-only proxies with secrets unwrapped; the
+    validators see plain data (found when the real engine ran the pack on a LUKS volume)."""
+    from pulumi_policy.deserialize import deserialize_properties
+
+    host = HOST.model_dump(mode="json")
+    wire = {"host": host, "tenant": host_view_data(tenant()),
+            "key": {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270", "value": "a2V5"}}
+    proxied = deserialize_properties(wire, proxy_secrets=True)
+    assert not isinstance(proxied["tenant"]["domains"], list)  # what parse_tenant would refuse
+    res = v.Resource("pulumi-python:dynamic:Resource", "acme-luks-volume", v.plain(proxied))
+    assert res.props["key"] == "a2V5" and res.props["tenant"]["domains"] == ["gtm.acme.example"]
+    assert v.validate(res) == []
