@@ -830,6 +830,22 @@ def test_unreachable_backup_region_is_unknown_not_pass(v):
     assert core.exit_code(results) == 1
 
 
+def test_unreachable_host_is_unknown_once_and_fast(v):
+    # the baseline firewall drops port 1: dn waits its connect_timeout once, then knows
+    broken_host = v.settings.host().model_copy(update={"port": 1, "connect_timeout": 2.0})
+    broken = v.settings.model_copy(update={"hosts": {v.settings.default_host: broken_host}})
+    t = time.monotonic()
+    with Probe(broken, environ=v.env) as probe:
+        results = core.run_checks(list(CLAIMS), probe, ["net.admin-ssh", "net.tenant-isolation", "nginx.rate-limits",
+                                                        "storage.luks", "audit.chain"])
+    by = {r.id: r for r in results}
+    for cid in ("net.admin-ssh", "net.tenant-isolation", "nginx.rate-limits", "storage.luks"):
+        assert by[cid].status is core.Status.UNKNOWN, by[cid]
+        assert by[cid].reason == "cannot reach root@[10.231.1.2]:1: no answer within 2s", by[cid]
+    assert by["audit.chain"].status is core.Status.PASS  # the database is still there
+    assert time.monotonic() - t < 10  # the failed connection is remembered, not retried per check
+
+
 def test_unreachable_database_is_unknown(v):
     import re
 
@@ -880,6 +896,16 @@ def test_cli_table_json_markdown_history_and_exit_codes(v, tmp_path):
     assert by_id["net.public-ports"]["last_status"] == "PASS"
     r = run("verify", "history")
     assert r.returncode == 0 and "storage.luks" in r.stdout and "never" in r.stdout
+    # --alert: the configured alert command gets the run as JSON when a check FAILs
+    sink = tmp_path / "alert.json"
+    data["alert"] = {"command": [sys.executable, "-c", f"import sys; open({str(sink)!r}, 'w').write(sys.stdin.read())"]}
+    cfg.write_text(to_toml(data) + "\n")
+    r = run("verify", "--check", "audit.chain", "--alert")
+    assert r.returncode == 0 and not sink.exists()  # nothing failed: no alert
+    r = run("verify", "--check", "storage.luks", "--alert")
+    assert r.returncode == 4 and "alert command" in r.stderr and " ran" in r.stderr
+    alert = json.loads(sink.read_text())
+    assert alert["host"] == "sandbox-eu1" and [x["status"] for x in alert["results"]] == ["FAIL"]
     wait_quiet(v)
     r = run("verify")
     assert r.returncode == 4
