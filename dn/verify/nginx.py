@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from dn.errors import DnError
-from dn.render.nginx import VHOST_DIR, Directive, parse_config
+from dn.render.nginx import VHOST_DIR, Directive, parse_config, vhost_path
 from dn.verify.core import Status, Unknown, plural
 from dn.verify.tenants import registered
 
@@ -348,19 +348,23 @@ def check_no_drift(probe: "Probe") -> tuple[Status, list[str]]:
         raise Unknown(str(e), fails + ev) from None
     base = probe.baseline
     session = probe.session()
-    units = [hn.base_unit(base)] + [hn.vhost_unit(base, t) for t in specs]
+    # A tenant being deleted loses its vhost as its stack is destroyed: not drift.
+    deleting = {r["slug"] for r in probe.tenants() if r["status"] == "deleting"}
+    for slug in sorted(deleting):
+        ev.append(f"vhost-{slug}: tenant being deleted (GDPR request), not compared")
+    units = [hn.base_unit(base)] + [hn.vhost_unit(base, t) for t in specs if t.slug not in deleting]
     for unit in units:
         plan = hn.plan(unit, hn.read(session, base, unit), where=probe.host_name)
         if plan.empty:
             ev.append(f"{unit.name}: {len(unit.files)} file(s) as dn renders them, loaded")
         else:
             fails += [f"{unit.name}: {c}" for c in plan.changes]
-    registered_slugs = {t.slug for t in specs}
+    registered_slugs = {t.slug for t in specs}  # deleting ones included: their file may remain
     for slug in hn.served_vhosts(session, base):
         if slug not in registered_slugs:
             fails.append(f"vhost {slug}.conf is on the host but no tenant {slug!r} is registered for {probe.host_name}")
     vhost_dir = base.path(VHOST_DIR) + "/"
-    expected = {p for u in units for p in u.files}
+    expected = {p for u in units for p in u.files} | {vhost_path(base, t) for t in specs}
     for path in cfg.files:
         if path not in expected and path.startswith(vhost_dir):
             fails.append(f"{path}: loaded by nginx but not rendered by dn")

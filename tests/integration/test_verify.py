@@ -597,6 +597,26 @@ def test_weak_tenant_volume_is_named(v, tmp_path):
     assert f"tenant vfy-beta: {image} LUKS2 aes-xts-plain64, 512-bit key" in text(after)
 
 
+def test_tenant_being_deleted_is_not_judged_on_what_its_deletion_removes(v, tmp_path):
+    from tests.fixtures.postgres import tampering
+
+    image = v.host.path(v.beta.volume_image)
+    backup = tmp_path / "beta.header"
+    v.sandbox.ns_exec(["cryptsetup", "luksHeaderBackup", image, "--header-backup-file", str(backup)])
+    v.sandbox.ns_exec(["cryptsetup", "erase", "--batch-mode", image])  # what a GDPR deletion does first
+    v.pg.execute("UPDATE tenants SET status = 'deleting' WHERE slug = 'vfy-beta'")
+    try:
+        results = verify(v)
+    finally:
+        with tampering(v.pg):  # a tenant in deletion never comes back, except in a test
+            v.pg.execute("UPDATE tenants SET status = 'active' WHERE slug = 'vfy-beta'")
+        v.sandbox.ns_exec(["cryptsetup", "luksHeaderRestore", "--batch-mode", image, "--header-backup-file", str(backup)])
+    assert_only(results, set())
+    assert "tenant vfy-beta: being deleted (GDPR request)" in evidence(results, "storage.luks")
+    assert "vhost-vfy-beta: tenant being deleted (GDPR request), not compared" in evidence(results, "nginx.no-drift")
+    assert "tenant vfy-beta: no keyslot" not in evidence(results, "storage.luks")
+
+
 # --------------------------------------------------------------------------- backups and drills
 
 
