@@ -314,8 +314,11 @@ def shown(v: Any, limit: int = VALUE_LIMIT) -> Any:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``; secrets and empty containers are leaves."""
+    """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``; secrets and empty containers are leaves (an
+    empty top level has no leaves)."""
     out: dict[str, Any] = {}
+    if not prefix and isinstance(value, (Mapping, list, tuple)) and not value:
+        return out
     if _is_secret(value):
         out[prefix] = SECRET
     elif isinstance(value, Mapping) and value:
@@ -383,21 +386,26 @@ def _detailed(meta: Mapping[str, Any]) -> list[Change]:
     return out
 
 
-_FLAG_RULES: tuple[tuple[str, re.Pattern[str] | None, str], ...] = (
-    # (kind, changed-path pattern or None for any change, flag)
-    ("container", re.compile(r"^ports(\[|$)"), "public port"),
-    ("container", re.compile(r"^(networksAdvanced|networks_advanced|networkMode|network_mode)"), "network change"),
-    ("firewall", re.compile(r"(?i)public|ports?\b|ports\["), "public port"),
-    ("firewall", None, "firewall change"),
-    ("network", None, "network change"),
-    ("nginx", re.compile(r"(?i)rate|burst|conn|limit"), "rate limit change"),
-    ("nginx", re.compile(r"(?i)tls|ssl|hsts|cipher|protocol"), "TLS/HSTS change"),
-    ("timer", re.compile(r"(?i)schedule|calendar|retention|keep"), "backup schedule change"),
-)
+# Which changed paths make a change compliance-relevant, per kind.
+_PUBLIC_PORTS = re.compile(r"^(ports(\[|$)|publishAllPorts|publish_all|networkMode$|host\.public_ports)")
+_RATE = re.compile(r"^tenant\.limits\.(rate_per_ip|burst_per_ip|rate_per_tenant|burst_per_tenant|conn_per_ip)$")
+_TLS = re.compile(r"^host\.(hsts_max_age|cert_dir)$|tls|ssl|hsts|cipher|protocol", re.IGNORECASE)
+_ACCESS = re.compile(r"^host\.(admin_sources|ssh_port|public_ports|tenant_host_services|ipv6)")
+_SCHEDULE = re.compile(r"^(tenant\.backup_schedule|schedules\.)")
+
+
+def _unit(step: Step) -> str:
+    # timer resources are named <owner>-backup-timer (a tenant's backup) or <host>-timer-<unit>
+    if step.name.endswith("-backup-timer"):
+        return "dn-backup-tenant"
+    return step.name.split("-timer-", 1)[1] if "-timer-" in step.name else ""
 
 
 def flags_of(step: Step) -> list[str]:
-    """The compliance flags of one changed step."""
+    """The compliance flags of one changed step: a new public port, a firewall or network change,
+    a volume replacement or deletion, a backup schedule change or removal, a rate limit or TLS/HSTS
+    change. Creating a resource flags only what it opens (a published port, a firewall or
+    network); updates flag what their changed paths touch."""
     if not step.changed:
         return []
     flags: list[str] = []
@@ -406,23 +414,41 @@ def flags_of(step: Step) -> list[str]:
         if f not in flags:
             flags.append(f)
 
-    paths = [c.path for c in step.changes]
-    whole = step.op in ("create", "delete", "replace")
-    for kind, rx, flag in _FLAG_RULES:
-        if kind != step.kind:
-            continue
-        if rx is None:
-            add(flag)
-        elif flag == "public port" and step.kind == "container":
-            # any published port on a create, or ports appearing/changing on an update
-            if any(rx.search(p) and c.new not in (None, [], {}) for p, c in zip(paths, step.changes)):
-                add(flag)
-        elif any(rx.search(p) for p in paths) or (whole and flag in ("backup schedule change",)):
-            add(flag)
-    if step.kind == "volume" and step.op in ("replace", "delete"):
-        add("volume replacement" if step.op == "replace" else "volume deletion")
-    if step.kind == "network" and step.op in ("replace", "delete"):
-        add("network replacement" if step.op == "replace" else "network deletion")
+    paths = [c.path for c in step.changes if c.how != "delete" or step.op == "delete"]
+    kind, op = step.kind, step.op
+    if kind == "container":
+        opened = [c for c in step.changes if _PUBLIC_PORTS.match(c.path) and c.new not in (None, [], {}, False, "bridge")]
+        if opened and op != "delete":
+            add("public port")
+        if op in ("update", "replace") and any(p.startswith(("networks", "network")) for p in paths):
+            add("network change")
+    elif kind == "firewall":
+        add("firewall change")
+        if op in ("update", "replace") and any(_ACCESS.match(p) for p in paths):
+            if any(p.startswith("host.public_ports") for p in paths):
+                add("public port")
+            add("host access change")
+    elif kind == "network":
+        add("network change")
+    elif kind == "nginx":
+        if op in ("update", "replace"):
+            if any(_RATE.match(p) for p in paths):
+                add("rate limit change")
+            if any(_TLS.search(p) for p in paths):
+                add("TLS/HSTS change")
+        if op == "delete":
+            add("public endpoint removed")
+    elif kind == "timer":
+        unit = _unit(step)
+        backup = unit.startswith("dn-backup-")
+        if op in ("update", "replace") and any(_SCHEDULE.match(p) for p in paths):
+            add("backup schedule change" if backup else "schedule change")
+        if op == "delete" and backup:
+            add("backup schedule removed")
+    if kind == "volume" and op in ("replace", "delete"):
+        add("volume replacement" if op == "replace" else "volume deletion")
+    if kind == "network" and op in ("replace", "delete"):
+        add("network replacement" if op == "replace" else "network deletion")
     return flags
 
 
@@ -437,8 +463,9 @@ def _meta(event: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
 
 def _skip(meta: Mapping[str, Any]) -> bool:
     t = str(meta.get("type", ""))
-    if t == "pulumi:pulumi:Stack":
-        return True
+    state = meta.get("new") or meta.get("old") or {}
+    if t == "pulumi:pulumi:Stack" or not state.get("custom"):
+        return True  # the stack and component resources (dn:tenant:Tenant) only group others
     # default providers are engine plumbing; an explicit provider (the tenant's docker) is not
     return t.startswith("pulumi:providers:") and _name(str(meta.get("urn", ""))).startswith("default")
 
@@ -459,7 +486,11 @@ def stack_from_events(stack: str, events: Iterable[Mapping[str, Any]], *, error:
             op = _OP_GROUP.get(str(meta.get("op", "")), str(meta.get("op", "")))
             keys = [str(k) for k in (meta.get("keys") or [])]
             prev = by_urn.get(urn)
-            if prev is not None and _OP_RANK.get(prev.op, 9) <= _OP_RANK.get(op, 9):
+            raw = str(meta.get("op", ""))
+            if prev is not None and (_OP_RANK.get(prev.op, 9) < _OP_RANK.get(op, 9) or
+                                     (prev.op == op and raw != "replace")):
+                # a replacement's create-replacement / delete-replaced steps add nothing to the
+                # "replace" step, which carries both the old and the new inputs
                 if keys and not prev.replace_keys:
                     prev.replace_keys = keys
                 continue
@@ -537,9 +568,13 @@ def drift_from_events(stack: str, events: Iterable[Mapping[str, Any]]) -> list[D
     """What a refresh found changed or gone on the host, from its ``res_outputs_event`` steps:
     the recorded outputs (old) against what the providers read back (new)."""
     out: dict[str, Drift] = {}
+    refreshed: set[str] = set()  # a preview's planned updates are no drift: only refresh steps count
     for ev in events:
+        pre = _meta(ev, "resource_pre_event")
+        if pre is not None and pre.get("op") == "refresh":
+            refreshed.add(str(pre.get("urn", "")))
         meta = _meta(ev, "res_outputs_event")
-        if meta is None or _skip(meta):
+        if meta is None or _skip(meta) or str(meta.get("urn", "")) not in refreshed:
             continue
         op = str(meta.get("op", ""))
         if op not in ("update", "delete"):
@@ -576,6 +611,12 @@ def _change_line(c: Change) -> str:
     return f"    ~ {c.path}: {_fmt(c.old)} => {_fmt(c.new)}{rep}"
 
 
+# Inputs every host resource carries (where and how to reach the host, the host's baseline and
+# schedules): on a create or delete they say nothing about the resource itself, so the text and
+# markdown details leave them out (JSON keeps everything); on an update they are shown.
+CONTEXT_PREFIXES = ("ssh.", "host.", "schedules.")
+
+
 def step_lines(s: Step) -> list[str]:
     head = f"{_OP_SIGN.get(s.op, '?'):>2} {s.op:7} {s.kind:9} {s.name}  ({s.type})"
     if s.replace_keys:
@@ -585,7 +626,12 @@ def step_lines(s: Step) -> list[str]:
     lines = [head]
     if s.op == "update" and not s.changes:
         lines.append("    (only secret or provider-internal values differ)")
-    lines += [_change_line(c) for c in s.changes]
+    changes = s.changes
+    if s.op in ("create", "delete"):
+        changes = [c for c in s.changes if not c.path.startswith(CONTEXT_PREFIXES) or c.path == "host.name"]
+        if len(changes) < len(s.changes):
+            lines.append(f"    ({len(s.changes) - len(changes)} host, ssh and schedule inputs not shown)")
+    lines += [_change_line(c) for c in changes]
     return lines
 
 
