@@ -67,7 +67,7 @@ def test_a_location_with_its_own_limit_loses_the_servers():
     # nginx inherits limit_req into a location only if the location defines none of its own
     files = rendered(**{"acme.conf": ("location / {\n", f"location / {{\n        limit_req zone={A.zones.req_ip};\n")})
     fails, _, _ = vn.rate_limit_findings(vn.load(dump(files)))
-    assert fails == [f"acme.conf: acme.example *.acme.example (TLS) location /: proxies without a per-tenant "
+    assert fails == ["acme.conf: acme.example *.acme.example (TLS) location /: proxies without a per-tenant "
                      "limit_req (zone keyed on a per-tenant constant)"]
 
 
