@@ -86,12 +86,12 @@ def test_host_stack_lifecycle(env, sandbox, tmp_path):
     assert (step["op"], step["kind"], step["name"]) == ("update", "firewall", "sandbox-eu1-firewall-baseline")
     assert step["changes"] == [{"path": "host.admin_sources[1]", "how": "add", "old": None, "new": "192.0.2.0/24",
                                 "replaces": False}]
-    assert step["flags"] == ["firewall change"] and step["detail_source"] == "inputs"
+    assert step["flags"] == ["firewall change", "host access change"] and step["detail_source"] == "inputs"
     assert pv["stacks"][0]["policy_packs"], "dn's policy pack ran with the real engine"
     md = env.dn("preview", "--host", HOST, "--format", "markdown", config=wider)
     assert md.returncode == 0
     assert md.stdout.startswith("<!-- dn-preview -->\n## ✅ dn preview: changes: 0 to create, 1 to update")
-    assert "**firewall change**" in md.stdout and '+ host.admin_sources[1]: "192.0.2.0/24"' in md.stdout
+    assert "**firewall change; host access change**" in md.stdout and '+ host.admin_sources[1]: "192.0.2.0/24"' in md.stdout
     assert "✅ passed" in md.stdout and len(md.stdout) < 65_536
     txt = env.dn("preview", "--host", HOST, config=wider)
     assert txt.returncode == 0 and txt.stdout.startswith("changes: 0 to create, 1 to update")

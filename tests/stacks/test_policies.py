@@ -6,7 +6,7 @@ import pytest
 
 from dn.config import PlanConfig
 from dn.host import firewall as fw
-from dn.models import HostBaseline, host_view_data, parse_host, parse_tenant
+from dn.models import host_view_data, parse_host, parse_tenant
 from dn.render import nginx as rn
 from dn.render.iptables import Ruleset
 from policies import validators as v
