@@ -11,13 +11,14 @@ def check(
     ctx: typer.Context,
     alert_after: int = typer.Option(3, "--alert-after", min=1, max=1000,
                                     help="alert after this many failed checks in a row (and once on recovery)"),
+    tenant: str = typer.Option(None, "--tenant", help="check only this tenant"),
     json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Check every active tenant once. Exit 0 when all are healthy, 1 when any is not."""
     from dn import health
 
     c = ctx.obj
-    results, delivered = health.check(c.settings, alert_after=alert_after)
+    results, delivered = health.check(c.settings, alert_after=alert_after, only=tenant)
     if json:
         c.out_json([r.to_dict() for r in results])
     else:

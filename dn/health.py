@@ -136,13 +136,17 @@ def transitions(previous: dict[str, dict], results: list[TenantHealth], alert_af
     return state, alerts
 
 
-def check(settings: "Settings", *, alert_after: int, send_alerts: bool = True) -> tuple[list[TenantHealth], list[str]]:
-    """Check every active tenant; returns the results and the alert delivery lines."""
+def check(settings: "Settings", *, alert_after: int, only: str | None = None,
+          send_alerts: bool = True) -> tuple[list[TenantHealth], list[str]]:
+    """Check every active tenant (or only one); returns the results and the alert delivery lines."""
     from dn import alert, tenants
     from dn.errors import DnError
 
     with tenants.connect(settings, "health check") as conn:
-        records = [r for r in tenants.list_tenants(conn) if r.status == "active"]
+        if only is not None:
+            records = [tenants.require_tenant(conn, only)]
+        else:
+            records = [r for r in tenants.list_tenants(conn) if r.status == "active"]
     results: list[TenantHealth] = []
     by_host: dict[str, list] = {}
     for r in records:
@@ -158,8 +162,9 @@ def check(settings: "Settings", *, alert_after: int, send_alerts: bool = True) -
             results.append(TenantHealth(t.slug, host_name, states.get(t.slug, {}),
                                         probe_public(host.address, 443, t.domains[0])))
     path = _state_path(settings)
-    state, alerts = transitions(load_state(path), results, alert_after)
-    save_state(path, state)
+    previous = load_state(path)
+    state, alerts = transitions(previous, results, alert_after)
+    save_state(path, {**previous, **state} if only is not None else state)
     delivered: list[str] = []
     if send_alerts:
         for kind, r in alerts:
