@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import pwd
 import secrets
 import shutil
@@ -779,11 +780,29 @@ def up(data_dir: Path, *, progress: Progress = _quiet) -> list[Part]:
         _ensure_nginx(progress)
         _ensure_pg(files, data_dirs, progress)
         _ensure_image(progress)
+        _ensure_host_dn(progress)
     parts = status(data_dir)
     down_parts = [p for p in parts if not p.up]
     if down_parts:
         raise OperationFailed("sandbox: not up after `up`: " + "; ".join(f"{p.name}: {p.detail}" for p in down_parts))
     return parts
+
+
+HOST_DN = Path("/usr/local/bin/dn")
+
+
+def _ensure_host_dn(say: Progress) -> None:
+    """dn where a real host has it (HostBaseline.dn_bin): the sandbox host shares this machine's
+    filesystem, and the timers dn renders run it (systemd-analyze verify checks that it exists)."""
+    if HOST_DN.exists() and os.access(HOST_DN, os.X_OK):
+        return
+    target = Path(sys.executable).parent / "dn"
+    if not target.exists():
+        return  # not running from an installed dn: nothing to point at
+    if HOST_DN.is_symlink():  # a dangling link from an earlier checkout
+        HOST_DN.unlink()
+    HOST_DN.symlink_to(target)
+    say(f"host dn: {HOST_DN} -> {target}")
 
 
 # --------------------------------------------------------------------------------------------
