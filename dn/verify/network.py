@@ -352,7 +352,7 @@ def check_public_ports(probe: "Probe") -> tuple[Status, list[str]]:
             if ok:
                 ev.append(f"  public: {a.describe()}")
             elif family == 6 and not v6_live:
-                ev.append(f"  IPv6 {a.describe()} — the host has no global IPv6 address, so nothing is public over IPv6")
+                ev.append(f"  {a.describe()} — the host has no global IPv6 address, so nothing is public over IPv6")
             else:
                 fails.append(f"firewall: {a.describe()}")
         for a in forwarded(rulesets[family], family):
@@ -421,7 +421,7 @@ def check_admin_ssh(probe: "Probe") -> tuple[Status, list[str]]:
                 allowed_from += list(a.sources or ())
                 ev.append(f"admin: {a.describe()}")
             elif family == 6 and not v6_live:
-                ev.append(f"IPv6 {a.describe()} — no global IPv6 address on the host")
+                ev.append(f"{a.describe()} — no global IPv6 address on the host")
             else:
                 who = "anywhere" if a.public else ", ".join(a.sources or ())
                 fails.append(f"SSH reachable from {who}, which is not an admin source: {a.describe()}")
