@@ -221,6 +221,23 @@ class DRConfig(Strict):
     checks_file: Path | None = Field(None, description='TOML of extra sanity checks: [[check]] name = "..." sql = "..."')
 
 
+class VerifyConfig(Strict):
+    """dn verify: what it checks beyond what the registry and the host report."""
+
+    luks_volumes: list[str] = Field(
+        default_factory=list,
+        description="on-host files or block devices that must be LUKS2, aes-xts-plain64, 512-bit (e.g. the PostgreSQL volume)",
+    )
+
+    @field_validator("luks_volumes")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/") or ".." in p.split("/") or not re.fullmatch(r"[A-Za-z0-9_./-]+", p):
+                raise ValueError(f"{p!r} must be an absolute path of [A-Za-z0-9_./-] without '..'")
+        return v
+
+
 class Settings(Strict):
     data_dir: Path
     default_host: str = SANDBOX_HOST
@@ -236,6 +253,7 @@ class Settings(Strict):
     alert: AlertConfig = AlertConfig()
     tls: TLSConfig = TLSConfig()
     dr: DRConfig = DRConfig()
+    verify: VerifyConfig = VerifyConfig()
     source: str = Field("embedded default", description="where these settings came from")
 
     @field_validator("hosts", "plans")

@@ -84,7 +84,7 @@ def jobs(host: HostBaseline, tenants: Sequence[TenantSpec], schedules: ScheduleC
         Job(
             unit="dn-verify",
             description="dn verify: check the trust page's claims against this host",
-            argv=("verify",),
+            argv=("verify", "--alert"),
             on_calendar=_calendar(schedules.verify, "schedules.verify"),
             timeout="1h",
         ),

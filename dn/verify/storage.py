@@ -138,10 +138,8 @@ def postgres_findings(probe: "Probe") -> tuple[list[str], list[str]]:
 
 
 def configured_volumes(probe: "Probe") -> list[str]:
-    """Extra on-host paths that must be LUKS2 volumes (settings ``verify.luks_volumes``, when the
-    configuration has that section)."""
-    section = getattr(probe.settings, "verify", None)
-    return list(getattr(section, "luks_volumes", None) or [])
+    """Extra on-host paths that must be LUKS2 volumes (settings ``verify.luks_volumes``)."""
+    return list(probe.settings.verify.luks_volumes)
 
 
 def check_luks(probe: "Probe") -> tuple[Status, list[str]]:

@@ -69,7 +69,7 @@ EXPECTED = {
     "dn-backup-bravo": (["backup", "run", "--tenant", "bravo"], "Mon..Fri *-*-* 0/6:00"),
     "dn-backup-platform": (["backup", "run", "--platform"], SCHED.backup),
     "dn-health": (["health", "check", "--alert-after", "3"], None),
-    "dn-verify": (["verify"], SCHED.verify),
+    "dn-verify": (["verify", "--alert"], SCHED.verify),
     "dn-drill": (["dr", "drill"], SCHED.drill),
     "dn-retention": (["retention", "enforce"], SCHED.retention),
 }
