@@ -170,9 +170,15 @@ def test_second_region_allows_sftp_only(sandbox):
 
 
 def test_nginx_answers_in_eu1(sandbox):
-    status, headers, _ = http_get("10.231.1.2", 80, "/")
-    assert headers.get("server", "").startswith("nginx")
-    assert status in (200, 301, 302, 404, 421, 444)
+    try:
+        status, headers, _ = http_get("10.231.1.2", 80, "/")
+    except http.client.RemoteDisconnected:
+        # once dn's host baseline is applied, a name no tenant serves is closed unanswered (444)
+        conf = Path(sandbox.host.path("/etc/nginx/nginx.conf")).read_text()
+        assert "return 444;" in conf
+    else:
+        assert headers.get("server", "").startswith("nginx")
+        assert status in (200, 301, 302, 404, 421)
     pid = daemon_pids()["nginx"]
     assert pid and os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode("dn-eu1")
 
