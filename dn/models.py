@@ -423,7 +423,63 @@ def zone_sizes(limits: PlanConfig) -> tuple[str, str, str]:
     )
 
 
-class TenantSpec(BaseModel):
+class SlugNames:
+    """The names dn derives from a tenant's slug alone (see the table above): shared by
+    TenantSpec and by readers that only have a slug (dn verify reads registry rows).
+    Subclasses provide ``slug``."""
+
+    @property
+    def _h(self) -> str:
+        return short_hash(self.slug, 12)
+
+    @property
+    def bridge(self) -> str:
+        """Linux bridge of the tenant network (≤ 15 characters)."""
+        return BRIDGE_PREFIX + self._h
+
+    @property
+    def network(self) -> str:
+        return f"dn-t-{self.slug}"
+
+    @property
+    def tagging_container(self) -> str:
+        return f"dn-{self.slug}-tagging"
+
+    @property
+    def preview_container(self) -> str:
+        return f"dn-{self.slug}-preview"
+
+    @property
+    def chain_forward(self) -> str:
+        return "DN-T-" + self._h.upper()
+
+    @property
+    def chain_input(self) -> str:
+        return "DN-TI-" + self._h.upper()
+
+    @property
+    def backup_unit(self) -> str:
+        """systemd unit name stem; the service and timer add .service / .timer."""
+        return f"dn-backup-{self.slug}"
+
+    @property
+    def volume_image(self) -> str:
+        return f"/var/lib/dn/volumes/{self.slug}.luks"
+
+    @property
+    def mapper_name(self) -> str:
+        return f"dn-{self.slug}"
+
+    @property
+    def mapper_path(self) -> str:
+        return f"/dev/mapper/{self.mapper_name}"
+
+    @property
+    def mount_path(self) -> str:
+        return f"/srv/dn/tenants/{self.slug}"
+
+
+class TenantSpec(SlugNames, BaseModel):
     """One tenant: its slug, domains, plan, image, secret container config and schedules."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -506,55 +562,17 @@ class TenantSpec(BaseModel):
 
     # ------------------------------------------------------------------ derived names
 
-    @property
-    def _h(self) -> str:
-        return short_hash(self.slug, 12)
 
-    @property
-    def bridge(self) -> str:
-        """Linux bridge of the tenant network (≤ 15 characters)."""
-        return BRIDGE_PREFIX + self._h
 
-    @property
-    def network(self) -> str:
-        return f"dn-t-{self.slug}"
 
-    @property
-    def tagging_container(self) -> str:
-        return f"dn-{self.slug}-tagging"
 
-    @property
-    def preview_container(self) -> str:
-        return f"dn-{self.slug}-preview"
 
-    @property
-    def chain_forward(self) -> str:
-        return "DN-T-" + self._h.upper()
 
-    @property
-    def chain_input(self) -> str:
-        return "DN-TI-" + self._h.upper()
 
-    @property
-    def backup_unit(self) -> str:
-        """systemd unit name stem; the service and timer add .service / .timer."""
-        return f"dn-backup-{self.slug}"
 
-    @property
-    def volume_image(self) -> str:
-        return f"/var/lib/dn/volumes/{self.slug}.luks"
 
-    @property
-    def mapper_name(self) -> str:
-        return f"dn-{self.slug}"
 
-    @property
-    def mapper_path(self) -> str:
-        return f"/dev/mapper/{self.mapper_name}"
 
-    @property
-    def mount_path(self) -> str:
-        return f"/srv/dn/tenants/{self.slug}"
 
     @property
     def network_v4(self) -> ipaddress.IPv4Network:

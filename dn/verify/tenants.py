@@ -11,48 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dn.models import BRIDGE_PREFIX, short_hash
+from dn.models import SlugNames
 
 NETWORK_PREFIX = "dn-t-"
 VHOST_DIR = "/etc/nginx/dn/vhosts"  # dn.render.nginx.VHOST_DIR
 
 
 @dataclass(frozen=True)
-class TenantNames:
+class TenantNames(SlugNames):
+    """A registered tenant's slug-derived names (dn.models.SlugNames) and its registry status."""
+
     slug: str
     status: str = "active"
 
     @property
-    def _h(self) -> str:
-        return short_hash(self.slug, 12)
-
-    @property
-    def bridge(self) -> str:
-        return BRIDGE_PREFIX + self._h
-
-    @property
-    def network(self) -> str:
-        return f"{NETWORK_PREFIX}{self.slug}"
-
-    @property
     def containers(self) -> tuple[str, str]:
-        return f"dn-{self.slug}-tagging", f"dn-{self.slug}-preview"
-
-    @property
-    def chain_forward(self) -> str:
-        return "DN-T-" + self._h.upper()
-
-    @property
-    def chain_input(self) -> str:
-        return "DN-TI-" + self._h.upper()
-
-    @property
-    def volume_image(self) -> str:
-        return f"/var/lib/dn/volumes/{self.slug}.luks"
+        return self.tagging_container, self.preview_container
 
     @property
     def mapper(self) -> str:
-        return f"dn-{self.slug}"
+        return self.mapper_name
 
     @property
     def vhost_file(self) -> str:
