@@ -620,9 +620,19 @@ def _ensure_dockerd(driver: str, say: Progress) -> None:
 def _ensure_nginx(say: Progress) -> None:
     for d in ("etc/nginx/conf.d", "run", "var/log/nginx", "var/lib/nginx"):
         EU1.p(d).mkdir(parents=True, exist_ok=True)
+    errlog = str(EU1.p("var/log/nginx/error.log"))
+    test = [NGINX, "-t", "-q", "-c", str(NGINX_CONF), "-e", errlog]
     if not NGINX_CONF.exists():
         _write_if_changed(NGINX_CONF, _render("nginx.conf.j2", prefix=EU1.prefix), 0o644)
         say(f"nginx: bootstrap configuration {NGINX_CONF}")
+    elif not _daemon_pid(NGINX_PID, NGINX, EU1.netns) and _run(test, check=False).returncode != 0:
+        # A stopped sandbox whose config no longer loads (a file it includes is gone): nginx
+        # could never start on it. The sandbox is disposable: keep the broken file for reading,
+        # start from the bootstrap config; `dn host up` renders dn's base config again.
+        kept = NGINX_CONF.with_name(f"nginx.conf.broken-{int(time.time())}")
+        NGINX_CONF.rename(kept)
+        _write_if_changed(NGINX_CONF, _render("nginx.conf.j2", prefix=EU1.prefix), 0o644)
+        say(f"nginx: {kept.name} did not pass `nginx -t`; bootstrap configuration {NGINX_CONF}")
     if _daemon_pid(NGINX_PID, NGINX, EU1.netns):
         return
     # Workers outlive a master that was killed, and keep its ports.
@@ -631,8 +641,7 @@ def _ensure_nginx(say: Progress) -> None:
         if _proc_netns(p) == ino and _proc_exe(p) == NGINX:
             _stop(p, signal.SIGKILL, timeout=5)
     NGINX_PID.unlink(missing_ok=True)
-    errlog = str(EU1.p("var/log/nginx/error.log"))
-    _run([NGINX, "-t", "-q", "-c", str(NGINX_CONF), "-e", errlog])
+    _run(test)
     ns_exec([NGINX, "-c", str(NGINX_CONF), "-e", errlog])
     _wait(lambda: _daemon_pid(NGINX_PID, NGINX, EU1.netns) is not None, 10, "nginx in dn-eu1 did not start",
           Path(errlog))

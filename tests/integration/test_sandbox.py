@@ -247,6 +247,34 @@ def test_up_repairs_killed_daemons_and_stale_pid_files(sandbox):
         assert after["sshd"] == pids["sshd"] and after["dockerd"] == pids["dockerd"]
 
 
+def test_up_replaces_a_config_that_no_longer_loads(sandbox):
+    """A stopped nginx whose config includes a file that is gone: `up` keeps the broken file for
+    reading and starts nginx on the bootstrap config instead of failing."""
+    with sandbox.exclusive():
+        before = sb.NGINX_CONF.read_bytes()
+        gone = sb.EU1.p("etc/nginx/dn/gone.conf")
+        broken = before.replace(b"http {", f"http {{\n    include {gone};".encode(), 1)
+        assert broken != before
+        try:
+            os.kill(daemon_pids()["nginx"], signal.SIGQUIT)
+            deadline = time.monotonic() + 10
+            while daemon_pids()["nginx"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            sb.NGINX_CONF.write_bytes(broken)
+            sandbox.up()
+            kept = sorted(sb.NGINX_CONF.parent.glob("nginx.conf.broken-*"))
+            assert kept and kept[-1].read_bytes() == broken
+            assert sb.NGINX_CONF.read_bytes() == sb._render("nginx.conf.j2", prefix=sb.EU1.prefix)
+            assert daemon_pids()["nginx"]
+        finally:
+            for k in sb.NGINX_CONF.parent.glob("nginx.conf.broken-*"):
+                k.unlink()
+            if sb.NGINX_CONF.read_bytes() != before:
+                sb.NGINX_CONF.write_bytes(before)
+                subprocess.run(["ip", "netns", "exec", "dn-eu1", sb.NGINX, "-c", str(sb.NGINX_CONF), "-s", "reload"],
+                               check=True)
+
+
 def mounts_under(*prefixes: str) -> list[str]:
     return [m for m in sb._mountpoints() if any(m == p or m.startswith(p + "/") for p in prefixes)]
 

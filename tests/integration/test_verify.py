@@ -135,11 +135,16 @@ def _platform_rows(conn, tids: list[int], ring) -> None:
                  "VALUES (%s, now() - interval '3 days', now() + interval '27 days')", (tids[1],))
 
 
-def _nginx_snapshot(s, host) -> bytes | None:
+def _nginx_snapshot(s, host) -> dict[str, bytes | None]:
+    """Every file of nginx's base unit (main config, DH group, marker, kept previous version) as
+    it was, None where absent: the teardown puts back exactly this, so a base config another
+    test or the demo applied keeps the files it refers to."""
+    from dn.host import nginx as hn
     from dn.render import nginx as rn
 
-    main = host.path(rn.NGINX_CONF)
-    return s.read_file(main) if s.exists(main) else None
+    paths = (*hn.base_unit(host).files, hn.marker_path(host, hn.BASE),
+             host.path("/etc/nginx/.nginx.conf.dn-prev"), host.path(rn.NGINX_CONF))
+    return {p: (s.read_file(p) if s.exists(p) else None) for p in dict.fromkeys(paths)}
 
 
 def _baseline_present(s, host) -> bool:
@@ -266,13 +271,12 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
         finally:
             for t in tenants:
                 _remove_tenant(s, host, t)
-            if original_nginx is not None:
-                s.install_file(host.path(rn.NGINX_CONF), original_nginx, keep_previous=False)
-                for p in (*hn.base_unit(host).files, hn.marker_path(host, hn.BASE),
-                          host.path("/etc/nginx/.nginx.conf.dn-prev")):
-                    if p != host.path(rn.NGINX_CONF):
-                        s.remove(p)
-                s.run(rn.control_argv(host, "reload"), check=False)
+            for p, content in original_nginx.items():
+                if content is None:
+                    s.remove(p)
+                else:
+                    s.install_file(p, content, keep_previous=False)
+            s.run(rn.control_argv(host, "reload"), check=False)
             if not baseline_before:
                 with contextlib.suppress(Exception):
                     hf.remove_baseline(s, host)
