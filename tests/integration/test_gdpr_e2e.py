@@ -6,7 +6,6 @@ the file went, the backup can no longer be decrypted, and the database holds not
 of the tenant except its invoices."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import uuid
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_gdpr_setup import add_data, billing_marker, fernet_key, markers, scan, wipe_gdpr
+from dn.sandbox import issue_certificate as sandbox_cert
+from tests.fixtures.sandbox import host_lock
 from tests.stacks import e2e
 
 pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
@@ -23,29 +24,6 @@ SLUG = "gdpr-e2e"
 DOMAIN = "gtm.gdpr-e2e.example"
 CONFIG = "Z2Rwci1lMmUtY29udGFpbmVyLWNvbmZpZy12YWx1ZQ=="
 
-
-def _self_signed(host, domain: str) -> list[Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    d = Path(host.path(host.cert_dir))
-    d.mkdir(parents=True, exist_ok=True)
-    crt, k = d / f"{domain}.crt", d / f"{domain}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    k.chmod(0o600)
-    return [crt, k]
 
 
 @pytest.fixture
@@ -57,11 +35,11 @@ def env(sandbox, dn_settings_data, tmp_path, pg_super):
     wipe_gdpr(pg_super)
     path = f"/backups/test-gdpr-e2e-{uuid.uuid4().hex[:10]}"
     backup = {**sandbox.settings.backup.model_dump(mode="json", exclude_none=True), "path": path, "retries": 1}
-    with e2e.host_lock():
+    with host_lock():
         env = e2e.make_env(sandbox, dn_settings_data, tmp_path, backup=backup)
         env.env["DN_FERNET_KEYS"] = fernet_key()
         host = HostBaseline.from_settings(env.settings)
-        files = _self_signed(host, DOMAIN)
+        files = list(sandbox_cert(host.prefix, host.cert_dir, [DOMAIN], days=1))
         code, _, err = env.dn_json("host", "up")
         assert code == 0, err
         try:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.fixtures.sandbox import host_lock
 from tests.stacks import e2e
 
 pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
@@ -27,7 +28,7 @@ def tenant(sandbox, dn_settings_data, tmp_path):
     env.write_config(env.config, alert={"command": [sys.executable, "-c",
                      f"import sys; open({str(alerts)!r}, 'a').write(sys.stdin.read() + '\\n')"]})
     e2e.ensure_host_dn()
-    with e2e.host_lock():
+    with host_lock():
         r = env.dn("sandbox", "cert", DOMAIN)
         assert r.returncode == 0, r.stderr
         code, _, err = env.dn_json("host", "up")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dn.errors import ExitCode
+from tests.fixtures.sandbox import host_lock
 from tests.stacks import e2e
 
 pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
@@ -29,7 +30,7 @@ ROGUE = ["-p", "tcp", "-m", "tcp", "--dport", "2375", "-j", "ACCEPT"]
 @pytest.fixture
 def env(sandbox, dn_settings_data, tmp_path):
     e2e.ensure_host_dn()
-    with e2e.host_lock():
+    with host_lock():
         yield e2e.make_env(sandbox, dn_settings_data, tmp_path)
 
 

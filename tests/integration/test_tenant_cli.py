@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import socket
 import ssl
@@ -24,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from dn.errors import ExitCode
+from dn.sandbox import issue_certificate as sandbox_cert
+from tests.fixtures.sandbox import host_lock
 from tests.stacks import e2e
 
 pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
@@ -148,29 +149,6 @@ def test_pulumi_docker_backend_without_its_plugin(env, capsys):
 # --------------------------------------------------------------------------- the lifecycle
 
 
-def self_signed(host, domain: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    d = Path(host.path(host.cert_dir))
-    d.mkdir(parents=True, exist_ok=True)
-    crt, k = d / f"{domain}.crt", d / f"{domain}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    k.chmod(0o600)
-    return crt, k
-
 
 def https_get(domain: str, path: str = "/healthz") -> tuple[int, dict[str, str]]:
     """GET over TLS from the root namespace to the sandbox host's nginx (SNI = domain)."""
@@ -199,9 +177,9 @@ def lifecycle(env, sandbox):
     from dn.models import HostBaseline
 
     e2e.ensure_host_dn()
-    with e2e.host_lock():
+    with host_lock():
         host = HostBaseline.from_settings(env.settings)
-        crt, key = self_signed(host, DOMAIN)
+        crt, key = sandbox_cert(host.prefix, host.cert_dir, [DOMAIN], days=2)
         code, _, err = env.dn_json("host", "up")
         assert code == 0, err
         try:

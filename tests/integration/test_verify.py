@@ -25,7 +25,6 @@ exclusively while it changes the host's firewall, nginx and containers.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -43,10 +42,10 @@ from dn import ssh
 from dn.verify import core
 from dn.verify.claims import CLAIMS
 from dn.verify.probe import Probe
+from tests.fixtures.sandbox import host_lock
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.postgres]
 
-HOST_LOCK = Path("/run/lock/dn-sandbox.host.lock")
 PASSPHRASE = "verify tests: correct horse battery staple"
 SLUGS = ("vfy-alpha", "vfy-beta")
 SUBNETS = ("10.210.200.0/28", "10.210.200.16/28")
@@ -85,23 +84,6 @@ class V:
                  self.tenants, self.sandbox, self.pg, self.luks_keys, self.backup_path)
 
 
-@contextlib.contextmanager
-def host_lock(wait: float = 900) -> Iterator[None]:
-    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(HOST_LOCK, "a+") as f:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"another session held {HOST_LOCK} for {wait:g}s")
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _register(conn, spec) -> int:

@@ -7,21 +7,17 @@ dn's host baseline back when they remove it, for whoever uses the sandbox next.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-HOST_LOCK = Path("/run/lock/dn-sandbox.host.lock")
 HOST_DN = Path("/usr/local/bin/dn")  # HostBaseline.dn_bin: where the timers find dn on a host
 PASSPHRASE = "stacks e2e: nine tidy otters row east"
 
@@ -38,23 +34,6 @@ def engine_missing() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def host_lock(wait: float = 900) -> Iterator[None]:
-    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(HOST_LOCK, "a+") as f:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"another test session held {HOST_LOCK} for {wait:g}s")
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_host_dn() -> None:

@@ -114,6 +114,7 @@ def main() -> None:
     from dn.host import nginx as hn
     from dn.models import HostBaseline
     from tests.integration.test_tenant_cli import self_signed
+    from tests.fixtures.sandbox import HOST_LOCK
     from tests.stacks import e2e
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,7 +123,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="dn-record-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DN_")}
     env["DN_DOCKER_BACKEND"] = "dn-ssh"
-    lock = open(e2e.HOST_LOCK, "a+")
+    lock = open(HOST_LOCK, "a+")
     fcntl.flock(lock, fcntl.LOCK_EX)
     settings = settings_for(data_dir)
     host = HostBaseline.from_settings(settings)
