@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import paramiko
 from paramiko.sftp import CMD_EXTENDED
@@ -722,6 +722,14 @@ class Transaction:
     def _names(self, path: str) -> tuple[str, str, str]:
         d, name = posixpath.split(path)
         return d, f"{d}/.{name}{TMP_MARK}{self.txid}", f"{d}/.{name}{PREV_MARK}"
+
+    def stage(self, files: Mapping[str, bytes | None], *, mode: int = 0o644) -> None:
+        """Stage a whole set: ``put`` each file with content, ``delete`` each one mapped to None."""
+        for path, data in files.items():
+            if data is None:
+                self.delete(path)
+            else:
+                self.put(path, data, mode=mode)
 
     def put(self, path: str, data: bytes, *, mode: int = 0o644, owner: Owner = None, group: Owner = None,
             validate: Sequence[str] | None = None, keep_previous: bool = True) -> bool:

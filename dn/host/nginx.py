@@ -324,11 +324,7 @@ def apply(session: Session, host: HostBaseline, unit: Unit, the_plan: Plan,
 
     progress("upload")
     tx = s.transaction(check=activate, on_rollback=back_to_previous)
-    for path, data in unit.files.items():
-        if data is None:
-            tx.delete(path)
-        else:
-            tx.put(path, data, mode=0o644)
+    tx.stage(unit.files)
     if tx.pending:
         progress("swap")
         tx.commit()

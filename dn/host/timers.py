@@ -150,11 +150,7 @@ def apply(session: "Session", host: HostBaseline, ts: TimerSet, the_plan: Plan, 
     if not ts.removal:
         s.mkdir_p(unit_dir)
     tx = s.transaction(check=check)
-    for path, data in ts.files.items():
-        if data is None:
-            tx.delete(path)
-        else:
-            tx.put(path, data, mode=0o644)
+    tx.stage(ts.files)
     if tx.pending:
         progress("swap")
         tx.commit()

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from pulumi.dynamic import CheckFailure
+from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ResourceProvider, UpdateResult
 from pulumi.runtime.rpc import UNKNOWN
 
 from dn.errors import DnError, InvalidInput
@@ -123,3 +123,67 @@ def same_place(olds: Mapping[str, Any], news: Mapping[str, Any]) -> bool:
     """Whether old outputs and new inputs name the same host prefix (files live under it)."""
     old_host, new_host = olds.get("host") or {}, news.get("host") or {}
     return old_host.get("prefix", "/") == new_host.get("prefix", "/")
+
+
+class DigestProvider(ResourceProvider):
+    """The shape of a resource whose wanted state is rendered from its inputs and summed up by a
+    digest (nginx units, firewall rulesets, systemd timers): ``check`` renders it, ``diff``
+    compares the digest the last create, update or refresh recorded with the digest the new inputs
+    render, ``create``/``update`` converge the host and record the rendered digest.
+
+    A subclass names ``outputs`` (``digest`` and what ``apply`` observes), ``replace_slugs``
+    (inputs whose ``slug`` change replaces the resource), ``replace_keys`` (inputs whose change
+    replaces it), whether a new host prefix replaces it (``files_on_host``) and
+    ``delete_before_replace``; and implements ``render``, ``wanted``, ``apply``, ``resource_id``,
+    ``read`` and ``delete``.
+    """
+
+    outputs: tuple[str, ...] = ("digest",)
+    replace_slugs: tuple[str, ...] = ()
+    replace_keys: tuple[str, ...] = ()
+    files_on_host: bool = True
+    delete_before_replace: bool = True
+
+    def render(self, props: Mapping[str, Any]) -> Any:
+        """What the inputs render to (InvalidInput naming the input when they are wrong)."""
+        raise NotImplementedError
+
+    def wanted(self, props: Mapping[str, Any]) -> str:
+        """The digest of what the inputs render to."""
+        raise NotImplementedError
+
+    def apply(self, session: Any, props: Mapping[str, Any]) -> dict[str, Any]:
+        """Converge the host to ``props``; the observed outputs besides ``digest``."""
+        raise NotImplementedError
+
+    def resource_id(self, props: Mapping[str, Any]) -> str:
+        raise NotImplementedError
+
+    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        if has_unknown(news):
+            return CheckResult(news, [])
+        return CheckResult(news, failures(news, target, self.render))
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        if has_unknown({k: v for k, v in news.items() if k != "ssh"}):
+            return DiffResult(changes=True, replaces=[], delete_before_replace=self.delete_before_replace)
+        replaces = [] if not self.files_on_host or same_place(olds, news) else ["host"]
+        replaces += [k for k in self.replace_slugs if (olds.get(k) or {}).get("slug") != (news.get(k) or {}).get("slug")]
+        replaces += [k for k in self.replace_keys if olds.get(k) != news.get(k)]
+        changed = bool(replaces) or olds.get("digest") != self.wanted(news)
+        return DiffResult(changes=changed, replaces=replaces, delete_before_replace=self.delete_before_replace)
+
+    def outs(self, props: Mapping[str, Any], the_digest: str, observed: Mapping[str, Any]) -> dict[str, Any]:
+        return {**inputs(props, self.outputs), **observed, "digest": the_digest}
+
+    def _converge(self, props: Mapping[str, Any]) -> dict[str, Any]:
+        with session(props) as s:
+            observed = self.apply(s, props)
+        return self.outs(props, self.wanted(props), observed)
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        outs = self._converge(props)
+        return CreateResult(id_=self.resource_id(props), outs=outs)
+
+    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        return UpdateResult(outs=self._converge(news))

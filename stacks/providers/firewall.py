@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pulumi
-from pulumi.dynamic import CheckResult, CreateResult, DiffResult, ReadResult, Resource, ResourceProvider, UpdateResult
+from pulumi.dynamic import ReadResult, Resource
 
 from dn.errors import InvalidInput
 from dn.host import firewall as fw
@@ -38,63 +38,39 @@ def _present(rulesets: Sequence[Ruleset], state: fw.FirewallState) -> bool:
     return False
 
 
-class _FirewallProvider(ResourceProvider):
-    replace_keys: tuple[str, ...] = ()
+class _FirewallProvider(c.DigestProvider):
+    outputs = OUTPUTS
+    files_on_host = False  # rules live in the kernel, not under the host prefix
+    delete_before_replace = True  # a tenant's new chains would hook the same bridge twice otherwise
 
-    def rulesets(self, props: Mapping[str, Any]) -> list[Ruleset]:
+    def render(self, props: Mapping[str, Any]) -> list[Ruleset]:
         raise NotImplementedError
 
-    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        if c.has_unknown(news):
-            return CheckResult(news, [])
-        return CheckResult(news, c.failures(news, c.target, self.rulesets))
+    def wanted(self, props: Mapping[str, Any]) -> str:
+        return rules_digest(self.render(props))
 
-    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        if c.has_unknown({k: v for k, v in news.items() if k != "ssh"}):
-            return DiffResult(changes=True, replaces=[], delete_before_replace=True)
-        replaces = [k for k in self.replace_keys
-                    if (olds.get(k) or {}).get("slug") != (news.get(k) or {}).get("slug")]
-        changed = bool(replaces) or olds.get("digest") != rules_digest(self.rulesets(news))
-        # delete first: a tenant's new chains would hook the same bridge twice otherwise
-        return DiffResult(changes=changed, replaces=replaces, delete_before_replace=True)
-
-    def _outs(self, props: Mapping[str, Any], the_digest: str, drift: list[str]) -> dict[str, Any]:
-        return {**c.inputs(props, OUTPUTS), "digest": the_digest, "drift": drift}
-
-    def _apply(self, props: Mapping[str, Any]) -> dict[str, Any]:
-        rulesets = self.rulesets(props)
-        with c.session(props) as s:
-            self.converge(s, props)
-        return self._outs(props, rules_digest(rulesets), [])
-
-    def create(self, props: dict[str, Any]) -> CreateResult:
-        outs = self._apply(props)
-        return CreateResult(id_=self.resource_id(props), outs=outs)
-
-    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        return UpdateResult(outs=self._apply(news))
+    def apply(self, session, props: Mapping[str, Any]) -> dict[str, Any]:
+        self.converge(session, props)
+        return {"drift": []}
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        rulesets = self.rulesets(props)
+        rulesets = self.render(props)
         with c.session(props) as s:
             state = fw.read(s)
         if not _present(rulesets, state):
             return ReadResult(id_=None, outs={})
         drift = [f"IPv{r.family} {d}" for r in rulesets for d in r.drift(state.tables.get(r.family, {}))]
         the_digest = rules_digest(rulesets) if not drift else "drift:" + digest({"drift": "\n".join(drift).encode()})
-        return ReadResult(id_=id_, outs=self._outs(props, the_digest, drift))
+        return ReadResult(id_=id_, outs=self.outs(props, the_digest, {"drift": drift}))
 
     def converge(self, s, props: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def resource_id(self, props: Mapping[str, Any]) -> str:
         raise NotImplementedError
 
 
 class FirewallBaselineProvider(_FirewallProvider):
     """Provider of :class:`FirewallBaseline`."""
 
-    def rulesets(self, props: Mapping[str, Any]) -> list[Ruleset]:
+    def render(self, props: Mapping[str, Any]) -> list[Ruleset]:
         return fw.baseline_rulesets(c.host(props))
 
     def converge(self, s, props: Mapping[str, Any]) -> None:
@@ -118,9 +94,9 @@ def _bridges(props: Mapping[str, Any]) -> list[str]:
 class TenantFirewallProvider(_FirewallProvider):
     """Provider of :class:`TenantFirewall`."""
 
-    replace_keys = ("tenant",)
+    replace_slugs = ("tenant",)
 
-    def rulesets(self, props: Mapping[str, Any]) -> list[Ruleset]:
+    def render(self, props: Mapping[str, Any]) -> list[Ruleset]:
         return fw.tenant_rulesets(c.host(props), c.tenant(props), _bridges(props))
 
     def converge(self, s, props: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pulumi
-from pulumi.dynamic import CheckResult, CreateResult, DiffResult, ReadResult, Resource, ResourceProvider, UpdateResult
+from pulumi.dynamic import ReadResult, Resource
 
 from dn.host import nginx as hn
 from dn.host.plan import digest
@@ -32,59 +32,34 @@ def _served_digest(unit: hn.Unit, state: hn.NginxState) -> str:
     return on_host
 
 
-def _outs(props: Mapping[str, Any], unit: hn.Unit, the_digest: str) -> dict[str, Any]:
-    return {**c.inputs(props, OUTPUTS), "digest": the_digest, "files": sorted(unit.files)}
+class _NginxProvider(c.DigestProvider):
+    outputs = OUTPUTS
+    delete_before_replace = False
 
-
-class _NginxProvider(ResourceProvider):
-    replace_keys: tuple[str, ...] = ()
-
-    def unit(self, props: Mapping[str, Any]) -> hn.Unit:
+    def render(self, props: Mapping[str, Any]) -> hn.Unit:
         raise NotImplementedError
 
-    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        if c.has_unknown(news):
-            return CheckResult(news, [])
-        return CheckResult(news, c.failures(news, c.target, self.unit))
+    def wanted(self, props: Mapping[str, Any]) -> str:
+        return self.render(props).digest
 
-    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        if c.has_unknown({k: v for k, v in news.items() if k != "ssh"}):
-            return DiffResult(changes=True, replaces=[], delete_before_replace=False)
-        replaces = [] if c.same_place(olds, news) else ["host"]
-        replaces += [k for k in self.replace_keys
-                     if (olds.get(k) or {}).get("slug") != (news.get(k) or {}).get("slug")]
-        changed = bool(replaces) or olds.get("digest") != self.unit(news).digest
-        return DiffResult(changes=changed, replaces=replaces, delete_before_replace=False)
-
-    def _apply(self, props: Mapping[str, Any]) -> dict[str, Any]:
-        unit = self.unit(props)
-        with c.session(props) as s:
-            hn.converge(s, c.host(props), unit)
-        return _outs(props, unit, unit.digest)
-
-    def create(self, props: dict[str, Any]) -> CreateResult:
-        outs = self._apply(props)
-        return CreateResult(id_=self.resource_id(props), outs=outs)
-
-    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        return UpdateResult(outs=self._apply(news))
+    def apply(self, session, props: Mapping[str, Any]) -> dict[str, Any]:
+        unit = self.render(props)
+        hn.converge(session, c.host(props), unit)
+        return {"files": sorted(unit.files)}
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        unit = self.unit(props)
+        unit = self.render(props)
         with c.session(props) as s:
             state = hn.read(s, c.host(props), unit)
         if all(v is None for v in state.files.values()):
             return ReadResult(id_=None, outs={})
-        return ReadResult(id_=id_, outs=_outs(props, unit, _served_digest(unit, state)))
-
-    def resource_id(self, props: Mapping[str, Any]) -> str:
-        raise NotImplementedError
+        return ReadResult(id_=id_, outs=self.outs(props, _served_digest(unit, state), {"files": sorted(unit.files)}))
 
 
 class NginxBaseProvider(_NginxProvider):
     """Provider of :class:`NginxBase`."""
 
-    def unit(self, props: Mapping[str, Any]) -> hn.Unit:
+    def render(self, props: Mapping[str, Any]) -> hn.Unit:
         return hn.base_unit(c.host(props))
 
     def resource_id(self, props: Mapping[str, Any]) -> str:
@@ -99,9 +74,9 @@ class NginxBaseProvider(_NginxProvider):
 class NginxVhostProvider(_NginxProvider):
     """Provider of :class:`NginxVhost`."""
 
-    replace_keys = ("tenant",)
+    replace_slugs = ("tenant",)
 
-    def unit(self, props: Mapping[str, Any]) -> hn.Unit:
+    def render(self, props: Mapping[str, Any]) -> hn.Unit:
         return hn.vhost_unit(c.host(props), c.tenant(props))
 
     def resource_id(self, props: Mapping[str, Any]) -> str:

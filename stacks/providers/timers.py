@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pulumi
-from pulumi.dynamic import CheckResult, CreateResult, DiffResult, ReadResult, Resource, ResourceProvider, UpdateResult
+from pulumi.dynamic import ReadResult, Resource
 
 from dn.config import ScheduleConfig
 from dn.errors import InvalidInput
@@ -58,35 +58,24 @@ def timer_set(props: Mapping[str, Any]) -> ht.TimerSet:
     return ht.TimerSet(job.unit, files, (f"{job.unit}.timer",))
 
 
-class SystemdTimerProvider(ResourceProvider):
+class SystemdTimerProvider(c.DigestProvider):
     """Provider of :class:`SystemdTimer`."""
 
-    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        if c.has_unknown(news):
-            return CheckResult(news, [])
-        return CheckResult(news, c.failures(news, c.target, timer_set))
+    outputs = OUTPUTS
+    replace_keys = ("unit",)
 
-    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        if c.has_unknown({k: v for k, v in news.items() if k != "ssh"}):
-            return DiffResult(changes=True, replaces=[], delete_before_replace=True)
-        replaces = [] if c.same_place(olds, news) else ["host"]
-        if olds.get("unit") != news.get("unit"):
-            replaces.append("unit")
-        changed = bool(replaces) or olds.get("digest") != digest(timer_set(news).files)
-        return DiffResult(changes=changed, replaces=replaces, delete_before_replace=True)
+    def render(self, props: Mapping[str, Any]) -> ht.TimerSet:
+        return timer_set(props)
 
-    def _apply(self, props: Mapping[str, Any]) -> dict[str, Any]:
-        ts = timer_set(props)
-        with c.session(props) as s:
-            done = ht.converge(s, c.host(props), ts)
-        return {**c.inputs(props, OUTPUTS), "digest": digest(ts.files), "notes": done.notes}
+    def wanted(self, props: Mapping[str, Any]) -> str:
+        return digest(timer_set(props).files)
 
-    def create(self, props: dict[str, Any]) -> CreateResult:
-        outs = self._apply(props)
-        return CreateResult(id_=f"{c.host(props).name}:{props['unit']}", outs=outs)
+    def apply(self, session, props: Mapping[str, Any]) -> dict[str, Any]:
+        done = ht.converge(session, c.host(props), timer_set(props))
+        return {"notes": done.notes}
 
-    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        return UpdateResult(outs=self._apply(news))
+    def resource_id(self, props: Mapping[str, Any]) -> str:
+        return f"{c.host(props).name}:{props['unit']}"
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         ts = timer_set(props)
@@ -98,8 +87,7 @@ class SystemdTimerProvider(ResourceProvider):
         the_digest = digest(state.files)
         if state.systemd and not all(state.enabled.get(t) for t in ts.timers):
             the_digest = "not-enabled:" + the_digest  # systemd runs here and the timer is off: drift
-        return ReadResult(id_=id_, outs={**c.inputs(props, OUTPUTS), "digest": the_digest,
-                                         "notes": list(the_plan.notes)})
+        return ReadResult(id_=id_, outs=self.outs(props, the_digest, {"notes": list(the_plan.notes)}))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         with c.session(props) as s:
