@@ -65,6 +65,7 @@ from dn.config import (
     SANDBOX_ROOT,
 )
 from dn.errors import Locked, OperationFailed
+from dn.localfile import write_atomic
 from dn.pgcluster import Cluster
 
 ROOT = Path(SANDBOX_ROOT)
@@ -218,14 +219,7 @@ def _write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.read_bytes() == data and (path.stat().st_mode & 0o7777) == mode:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=mode)
     return True
 
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-from dn.errors import ConfigError, OperationFailed
+from dn.errors import ConfigError
 
 if TYPE_CHECKING:
     from dn.config import Settings

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from dn.backup.crypto import new_key, new_key_id
 from dn.config import NAME_RE
 from dn.errors import ConfigError, InvalidInput, OperationFailed
+from dn.localfile import write_atomic
 
 FORMAT = "dn-keystore/1"
 PLATFORM = "platform"
@@ -108,30 +109,6 @@ def _unb64(s: str) -> bytes:
     return base64.b64decode(s, validate=True)
 
 
-def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if exclusive:
-        # link() fails if another process created the file first: no key is ever overwritten
-        try:
-            os.link(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class KeyStore:
     """The data keys under ``directory``; ``passphrase`` is asked for only when a key is unwrapped."""
 
@@ -195,7 +172,7 @@ class KeyStore:
             self._unwrap(owner, doc, rec)
         self._ensure_dir()
         if not self._path(owner).exists():
-            _write_private(self._path(owner), raw, exclusive=True)
+            write_atomic(self._path(owner), raw, exclusive=True)
 
     # -- wrapping ----------------------------------------------------------------------------
     def _kek(self, kdf: dict) -> bytes:
@@ -259,7 +236,7 @@ class KeyStore:
         doc["keys"].append({"id": kid, "created": created, "wrapped": _b64(wrapped)})
         raw = json.dumps(doc, indent=1).encode()
         try:
-            _write_private(self._path(owner), raw, exclusive=fresh)
+            write_atomic(self._path(owner), raw, exclusive=fresh)
         except FileExistsError:
             # another process made this owner's first key at the same moment: use that one
             return self.current(owner, create=False)
@@ -319,7 +296,7 @@ class KeyStore:
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
         # tombstone first: if we crash between the two steps, the key is marked destroyed and
         # rerunning finishes the job; never the other way round (a key gone without a record)
-        _write_private(tomb, json.dumps({"owner": owner, "key_ids": ids, "destroyed_at": when}).encode())
+        write_atomic(tomb, json.dumps({"owner": owner, "key_ids": ids, "destroyed_at": when}).encode())
         path = self._path(owner)
         if path.exists():
             size = path.stat().st_size

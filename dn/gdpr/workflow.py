@@ -30,6 +30,7 @@ from dn.gdpr import datamap as dmap
 from dn.gdpr import plan as planmod
 from dn.gdpr.batches import BATCH_ROWS, delete_in_batches
 from dn.gdpr.sqlgen import column, count_sql, ident, tenant_condition
+from dn.localfile import write_atomic
 
 if TYPE_CHECKING:
     from dn.config import Settings
@@ -380,14 +381,7 @@ def write_certificate(settings: "Settings", request_id: int, cert: Mapping[str, 
     if path.exists() and path.read_bytes() != data:
         stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         os.replace(path, path.with_name(f"request-{request_id}.{stamp}.json"))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return path
 
 
