@@ -74,7 +74,7 @@ def verify(
         failed = [r for r in results if r.status is core.Status.FAIL]
         summary = "\n".join(f"FAIL {r.id}: {r.claim}\n  " + "\n  ".join(r.evidence[:5]) for r in failed)
         for line in alerts.send(settings.alert, f"[dn] verify: {len(failed)} claim(s) FAIL on {host_name}",
-                                core.to_json(results, host_name), summary):
+                                core.to_json(results, host_name), summary, c.environ):
             c.err.print(line, soft_wrap=True, markup=False)
     raise typer.Exit(code)
 

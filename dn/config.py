@@ -201,11 +201,38 @@ class ImagesConfig(Strict):
 
 
 class AlertConfig(Strict):
+    """Where failure alerts go: a command (JSON on stdin), mail over SMTP, or both.
+
+    SMTP is encrypted unless ``smtp_security = "none"``: ``starttls`` (default, port 587) refuses a
+    server that does not offer STARTTLS, ``tls`` connects with TLS (port 465); the server's
+    certificate is verified against the system CAs or ``smtp_cafile``. A login (``smtp_user``) takes
+    its password from the environment variable ``smtp_password_env`` or the file
+    ``smtp_password_file``, never from this file, and is never sent without TLS.
+    """
+
     command: list[str] | None = Field(None, description="argv run with the alert JSON on stdin")
     smtp_host: str | None = None
     smtp_port: int = Field(587, ge=1, le=65535)
     smtp_from: str | None = None
     smtp_to: list[str] = Field(default_factory=list)
+    smtp_security: str = Field("starttls", pattern=r"^(starttls|tls|none)$", description="starttls, tls or none")
+    smtp_cafile: Path | None = Field(None, description="CA bundle for the server's certificate (default: system CAs)")
+    smtp_user: str | None = None
+    smtp_password_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    smtp_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _login(self) -> "AlertConfig":
+        has_password = self.smtp_password_env is not None or self.smtp_password_file is not None
+        if self.smtp_password_env is not None and self.smtp_password_file is not None:
+            raise ValueError("smtp_password_env and smtp_password_file: give one, not both")
+        if self.smtp_user is not None and not has_password:
+            raise ValueError("smtp_user needs smtp_password_env or smtp_password_file")
+        if has_password and self.smtp_user is None:
+            raise ValueError("smtp_password_env/smtp_password_file need smtp_user")
+        if self.smtp_user is not None and self.smtp_security == "none":
+            raise ValueError('smtp_security = "none" with smtp_user: the password is never sent without TLS')
+        return self
 
 
 class TLSConfig(Strict):

@@ -500,7 +500,7 @@ def run_drill(
                 store.close()
             if notify and report["result"] != "passed":
                 report["alerts"] = alert.send(settings.alert, f"[dn] DR drill {report['result'].upper()}", report,
-                                              summary(report))
+                                              summary(report), environ)
             report["history_file"] = str(write_report(settings, report))
     if report.get("interrupted"):
         raise KeyboardInterrupt
