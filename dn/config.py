@@ -91,6 +91,9 @@ class HostConfig(SSHTarget):
     prefix: str = Field("/", description="root under which dn writes its files on the host")
     docker_host: str | None = Field(None, description="docker endpoint; default ssh://user@address:port")
     public_interface: str | None = None
+    dn_bin: str = Field("/usr/local/bin/dn", description="the dn executable on the host, run by its timers")
+    dn_config: str | None = Field(None, description="DN_CONFIG of the timer-run dn commands on the host")
+    dn_data_dir: str = Field("/var/lib/dn", description="dn's data dir on the host (writable by its timers)")
 
     @field_validator("admin_sources")
     @classmethod
@@ -102,10 +105,10 @@ class HostConfig(SSHTarget):
                 raise ValueError(f"{c!r} is not a CIDR network") from None
         return v
 
-    @field_validator("prefix")
+    @field_validator("prefix", "dn_bin", "dn_config", "dn_data_dir")
     @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/") or ".." in v.split("/") or not re.fullmatch(r"[A-Za-z0-9_./-]+", v):
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or ".." in v.split("/") or not re.fullmatch(r"[A-Za-z0-9_./-]+", v)):
             raise ValueError("must be an absolute path of [A-Za-z0-9_./-] without '..'")
         return v
 

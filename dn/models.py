@@ -720,6 +720,9 @@ class HostBaseline(BaseModel):
             "ssh_port": h.port,
             "cert_dir": settings.tls.cert_dir,
             "hsts_max_age": settings.tls.hsts_max_age,
+            "dn_bin": h.dn_bin,
+            "dn_config": h.dn_config,
+            "data_dir": h.dn_data_dir,
         }
         data.update(overrides)
         return parse_host(data)

@@ -54,6 +54,8 @@ def test_file_and_env_override(tmp_path):
         (GOOD.replace("rate_per_ip = 50", "rate_per_ip = 0"), "plans.pro.rate_per_ip", "greater than or equal to 1"),
         (GOOD.replace('default_host = "eu1"', 'default_host = "eu9"'), "default_host", "not one of hosts"),
         (GOOD + '\n[retention]\naccounting_years = 3\n', "retention.accounting_years", "greater than or equal to 5"),
+        (GOOD.replace('admin_sources =', 'dn_bin = "bin/dn"\nadmin_sources ='), "hosts.eu1.dn_bin", "must be an absolute path"),
+        (GOOD.replace('admin_sources =', 'dn_config = "/etc/dn/../x"\nadmin_sources ='), "hosts.eu1.dn_config", "without '..'"),
     ],
 )
 def test_invalid_config_names_file_key_and_rule(tmp_path, text, key, rule):
@@ -87,3 +89,20 @@ def test_default_locations_come_from_the_given_environment(tmp_path):
     s = load_settings(None, {"XDG_CONFIG_HOME": str(cfg_home), "XDG_DATA_HOME": str(tmp_path / "data")})
     assert s.source == str(cfg_home / "dn" / "config.toml")
     assert s.data_dir == tmp_path / "data" / "dn"
+
+
+def test_a_hosts_dn_install_reaches_its_timers(tmp_path):
+    """Where dn lives on the host, its config and data dir are per host: the timers run them."""
+    from dn.models import HostBaseline
+    from dn.render import systemd as rs
+
+    p = write(tmp_path, GOOD.replace('admin_sources =', 'dn_bin = "/opt/dn/bin/dn"\ndn_config = "/etc/dn/config.toml"\n'
+                                                       'dn_data_dir = "/srv/dn"\nadmin_sources ='))
+    s = load_settings(p, {"DN_HOME": str(tmp_path)})
+    host = HostBaseline.from_settings(s)
+    assert (host.dn_bin, host.dn_config, host.data_dir) == ("/opt/dn/bin/dn", "/etc/dn/config.toml", "/srv/dn")
+    files = {path: text for job in rs.jobs(host, [], s.schedules) for path, text in rs.render_job(job, host).items()}
+    services = [t for path, t in files.items() if path.endswith(".service")]
+    assert services and all("ExecStart=/opt/dn/bin/dn " in t and "DN_CONFIG=/etc/dn/config.toml" in t for t in services)
+    default = HostBaseline.from_settings(load_settings(write(tmp_path, GOOD), {"DN_HOME": str(tmp_path)}))
+    assert default.dn_bin == "/usr/local/bin/dn" and default.data_dir == "/var/lib/dn"
