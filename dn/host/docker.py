@@ -77,6 +77,7 @@ LABEL_TENANT = "dn.tenant"
 LABEL_MANAGED = "dn.managed"
 LABEL_ROLE = "dn.role"
 LABEL_SECRET_ENV = "dn.secret-env"
+LABEL_ENV = "dn.env"  # the plain env keys dn set: one it no longer sets shows as a change of this label
 OPT_BRIDGE = "com.docker.network.bridge.name"
 OPT_ICC = "com.docker.network.bridge.enable_icc"
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
@@ -177,7 +178,7 @@ class ContainerSpec:
     @property
     def all_labels(self) -> dict[str, str]:
         return {**self.labels, LABEL_TENANT: self.tenant, LABEL_MANAGED: "true", LABEL_ROLE: self.role,
-                LABEL_SECRET_ENV: ",".join(self.secret_env_keys)}
+                LABEL_SECRET_ENV: ",".join(self.secret_env_keys), LABEL_ENV: ",".join(sorted(self.env))}
 
 
 def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:

@@ -44,53 +44,19 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
-from pulumi.runtime.rpc import UNKNOWN
 
 from dn.errors import InvalidInput
 from dn.host import docker as hd
 from dn.host.docker import docker_backend  # re-exported: tenant stacks choose their backend with it
 from dn.models import TenantSpec
+from stacks.providers import common as c
 
 __all__ = ["DockerContainer", "DockerContainerProvider", "DockerNetwork", "DockerNetworkProvider",
            "docker_backend", "tenant_docker"]
 
-SSH_FIELDS = ("address", "port", "user", "key_path", "host_key", "known_hosts", "connect_timeout",
-              "command_timeout")
 OUTPUT_KEYS = ("observed", "network_id", "container_id")
 SECRET_KEY = "secret_env"
 NETWORK_INPUTS = ("name", "tenant", "bridge", "subnet", "gateway", "labels")
-
-
-def _has_unknown(value: Any) -> bool:
-    if isinstance(value, str):
-        return value == UNKNOWN
-    if isinstance(value, Mapping):
-        return any(_has_unknown(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_unknown(v) for v in value)
-    return False
-
-
-def _target(props: Mapping[str, Any]):
-    from pydantic import ValidationError
-
-    from dn.config import SSHTarget
-    from dn.models import invalid_from
-
-    data = props.get("ssh")
-    if not isinstance(data, Mapping):
-        raise InvalidInput("ssh", "is required: the host's SSH target as plain data "
-                                  "(stacks.programs.ssh_target_data)")
-    try:
-        return SSHTarget.model_validate({k: v for k, v in data.items() if k in SSH_FIELDS and v is not None})
-    except ValidationError as e:
-        raise invalid_from(e, "ssh.") from None
-
-
-def _session(props: Mapping[str, Any]):
-    from dn import ssh
-
-    return ssh.connect(_target(props))
 
 
 def _failures(fn, *args) -> list[CheckFailure]:
@@ -113,23 +79,23 @@ class DockerNetworkProvider(ResourceProvider):
     """Provider of :class:`DockerNetwork` (see the module docstring)."""
 
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        if _has_unknown(news):
+        if c.has_unknown(news):
             return CheckResult(news, [])
-        failures = _failures(hd.network_spec, news) or _failures(_target, news)
+        failures = _failures(hd.network_spec, news) or _failures(c.target, news)
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        if _has_unknown({k: news.get(k) for k in NETWORK_INPUTS}):
-            changed = [k for k in NETWORK_INPUTS if _has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
+        if c.has_unknown({k: news.get(k) for k in NETWORK_INPUTS}):
+            changed = [k for k in NETWORK_INPUTS if c.has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
             return DiffResult(changes=bool(changed), replaces=changed, delete_before_replace=True)
         spec = hd.network_spec(news)
         plan = hd.plan_network(spec, olds.get("observed"))
-        replaces = sorted({c.target for c in plan.changes})
+        replaces = sorted({ch.target for ch in plan.changes})
         return DiffResult(changes=bool(replaces), replaces=replaces, delete_before_replace=True)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         spec = hd.network_spec(props)
-        with _session(props) as s:
+        with c.session(props) as s:
             _plan, live = hd.ensure_network(s, spec)
         return CreateResult(id_=spec.name, outs={**_inputs(props), "network_id": live["id"], "observed": live})
 
@@ -137,16 +103,16 @@ class DockerNetworkProvider(ResourceProvider):
         # Only reached when nothing of the network itself changed (diff replaces otherwise):
         # make sure it is still there and as declared.
         spec = hd.network_spec(news)
-        with _session(news) as s:
+        with c.session(news) as s:
             _plan, live = hd.ensure_network(s, spec)
         return UpdateResult(outs={**_inputs(news), "network_id": live["id"], "observed": live})
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        with _session(props) as s:
+        with c.session(props) as s:
             hd.remove_network(s, props.get("name") or id_)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        with _session(props) as s:
+        with c.session(props) as s:
             live = hd.read_network(s, id_)
         if live is None:
             return ReadResult(id_=None, outs={})  # gone: a refresh drops it from the state
@@ -186,14 +152,14 @@ class DockerContainerProvider(ResourceProvider):
     """Provider of :class:`DockerContainer` (see the module docstring)."""
 
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        if _has_unknown(news):
+        if c.has_unknown(news):
             return CheckResult(news, [])
-        failures = _failures(_container, news) or _failures(_target, news)
+        failures = _failures(_container, news) or _failures(c.target, news)
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        replaces = [k for k in ("name", "network") if _has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
-        if _has_unknown({k: v for k, v in news.items() if k != "ssh"}):
+        replaces = [k for k in ("name", "network") if c.has_unknown(news.get(k)) or olds.get(k) != news.get(k)]
+        if c.has_unknown({k: v for k, v in news.items() if k != "ssh"}):
             return DiffResult(changes=True, replaces=replaces, delete_before_replace=True)
         spec, secret = _container(news)
         plan = hd.plan_container(spec, hd.secret_digests(secret), olds.get("observed"))
@@ -202,7 +168,7 @@ class DockerContainerProvider(ResourceProvider):
 
     def _deploy(self, props: Mapping[str, Any]) -> dict[str, Any]:
         spec, secret = _container(props)
-        with _session(props) as s:
+        with c.session(props) as s:
             done = hd.deploy_container(s, spec, secret)
         return _container_outs(props, done.observed)
 
@@ -214,12 +180,12 @@ class DockerContainerProvider(ResourceProvider):
         return UpdateResult(outs=self._deploy(news))
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        with _session(props) as s:
+        with c.session(props) as s:
             hd.remove_container(s, props.get("name") or id_)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         keys = props.get("secret_env_keys") or hd.SECRET_ENV_DEFAULT
-        with _session(props) as s:
+        with c.session(props) as s:
             live = hd.read_container(s, id_, keys)
         if live is None:
             return ReadResult(id_=None, outs={})

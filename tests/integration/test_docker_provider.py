@@ -22,7 +22,8 @@ from dn.config import PlanConfig
 from dn.errors import OperationFailed
 from dn.host import docker as hd
 from dn.models import allocate_subnet, parse_tenant
-from stacks.providers.docker import SSH_FIELDS, DockerContainerProvider, DockerNetworkProvider
+from stacks.providers.common import SSH_FIELDS
+from stacks.providers.docker import DockerContainerProvider, DockerNetworkProvider
 
 pytestmark = pytest.mark.sandbox
 

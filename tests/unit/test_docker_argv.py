@@ -235,7 +235,7 @@ def test_create_body_carries_the_whole_spec():
     assert hc["NetworkMode"] == NET
     assert body["NetworkingConfig"] == {"EndpointsConfig": {NET: {"IPAMConfig": {"IPv4Address": "10.210.239.2"}}}}
     assert body["Labels"] == {"dn.managed": "true", "dn.role": "tagging", "dn.secret-env": "CONTAINER_CONFIG",
-                              "dn.tenant": "dkr-rec"}
+                              "dn.env": "PORT,PREVIEW_SERVER_URL", "dn.tenant": "dkr-rec"}
 
 
 def test_create_body_without_health_check():
@@ -345,6 +345,8 @@ def test_recorded_container_matches_its_spec_and_hides_the_secret():
     ({"health": {"test": ["NONE"]}}, SECRET_ENV, ["health"]),
     ({"read_only": False, "pids_limit": 100}, SECRET_ENV, ["pids_limit", "read_only"]),
     ({"log_max_file": 5}, SECRET_ENV, ["log"]),
+    # preview turned off: the tagging container must lose PREVIEW_SERVER_URL, not keep a stale one
+    ({"env": {"PORT": "8080"}}, SECRET_ENV, ["labels.dn.env"]),
 ])
 def test_container_plan_lists_each_difference(over, secret, fields):
     obs = hd.normalize_container(recorded("container-tagging.json"))
