@@ -131,9 +131,11 @@ def _command_result(e: Exception) -> _Result:
 
 
 def _error_lines(result: _Result, limit: int = 8) -> str:
-    """The engine's own diagnostics: lines that say "error" (stderr first)."""
+    """The engine's own diagnostics: lines that say "error" (stderr first), and for a Python
+    traceback (a provider or program that raised) the exception it ends with."""
     lines = [ln.strip() for ln in f"{result.stderr}\n{result.stdout}".splitlines() if ln.strip()]
-    picked = [ln for ln in lines if re.search(r"\berror\b|panic:|Exception|Error:", ln)]
+    picked = [ln for ln in lines if re.search(r"\berror\b|panic:|Exception|Error:", ln)
+              or re.match(r"[A-Za-z_][\w.]*(Error|Exception|Input|Failed|Refused|Violation|Exit)\b.*?: ", ln)]
     picked = list(dict.fromkeys(picked or lines[-limit:]))[:limit]
     return "\n".join(picked)[:1500]
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ResourceProvider, UpdateResult
+from pulumi.output import Unknown
 from pulumi.runtime.rpc import UNKNOWN
 
 from dn.errors import DnError, InvalidInput
@@ -35,7 +36,11 @@ SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"  # ... and its value for a secre
 
 
 def has_unknown(value: Any) -> bool:
-    """Whether ``value`` holds a value the engine does not know yet (during a preview)."""
+    """Whether ``value`` holds a value the engine does not know yet (during a preview). The SDK
+    hands such a value over as its UNKNOWN sentinel string, or, when it deserializes keeping
+    unknowns (``check`` and ``diff``), as a ``pulumi.output.Unknown`` object."""
+    if isinstance(value, Unknown):
+        return True
     if isinstance(value, str):
         return value == UNKNOWN
     if isinstance(value, Mapping):

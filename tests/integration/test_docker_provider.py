@@ -500,11 +500,11 @@ def test_through_the_engine_secret_stays_encrypted(sandbox, ssh_data, tmp_path):
     (subnet,) = free_subnets(sandbox, 1)
     t = tenant(slug, subnet, secret)
 
-    def program(memory: int):
+    def program(memory: int, spec=t):
         def run() -> None:
             from stacks.providers.docker import tenant_docker
 
-            net, ctrs = tenant_docker(t.model_copy(update={"limits": PlanConfig(memory_mb=memory, cpus=0.25)}),
+            net, ctrs = tenant_docker(spec.model_copy(update={"limits": PlanConfig(memory_mb=memory, cpus=0.25)}),
                                       ssh_data, pulumi.Output.secret(secret), health=FAST_HEALTH, wait_s=60)
             pulumi.export("network", net.name)
             pulumi.export("containers", [c.name for c in ctrs])
@@ -528,6 +528,21 @@ def test_through_the_engine_secret_stays_encrypted(sandbox, ssh_data, tmp_path):
         assert engine.refresh(st).changes.get("update", 0) >= 1
         assert engine.up(st).changes.get("update") == 1  # the stopped container is recreated
         assert health(sandbox, name_of(slug, "tagging")) == "healthy"
+        # a new subnet replaces the network (deleting first); the containers on it go and come back
+        (moved,) = free_subnets(sandbox, 1)
+        t2 = tenant(slug, moved, secret)
+        st = engine.stack(settings, "docker-provider", program(96, t2), extra_env=extra, environ=env)
+        planned = engine.preview(st)
+        assert planned.changes.get("replace") == 3, planned.changes  # network + both containers
+        assert exists(sandbox, "network", t.network) and health(sandbox, name_of(slug, "tagging")) == "healthy"
+        replaced = engine.up(st)
+        assert replaced.changes.get("replace") == 3, replaced.changes
+        n = docker_json(sandbox, "network", "inspect", t.network)
+        assert [c["Subnet"] for c in n["IPAM"]["Config"]] == [moved]
+        c = docker_json(sandbox, "container", "inspect", name_of(slug, "tagging"))
+        assert c["NetworkSettings"]["Networks"][t.network]["IPAddress"] == t2.tagging_address
+        assert health(sandbox, name_of(slug, "tagging")) == "healthy"
+        assert engine.up(st).changed == 0
         hits = [p for p in Path(settings.data_dir).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
         assert hits == [], f"the secret is in plain text in {hits}"
         state = list(Path(settings.backend_url[len("file://"):]).rglob("docker-provider.json"))
