@@ -312,6 +312,21 @@ def _outputs(outs: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]
     return values, sorted(secret)
 
 
+def stack_info(st: "auto.Stack") -> dict[str, Any]:
+    """The stack's last update (kind, result, time, resource count) and its outputs, secret ones
+    masked."""
+    info: dict[str, Any] = {"name": st.name, "exists": True}
+    with _mapped("info", st.name, _env_of(st)):
+        last = st.info(show_secrets=False)
+        outs = st.outputs()
+    if last is not None:
+        info.update(last_kind=last.kind, last_result=last.result,
+                    last_update=last.end_time.isoformat() if last.end_time else None,
+                    resources=sum((last.resource_changes or {}).values()))
+    info["outputs"] = _outputs(outs)[0]
+    return info
+
+
 def up(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Outcome:
     """Apply the program: create, update and delete until the stack matches it."""
     with _mapped("up", st.name, _env_of(st)):

@@ -809,22 +809,6 @@ def _unregister(conn: "Connection", rec: TenantRecord) -> str:
             return "cancelled"
 
 
-def stack_info(settings: "Settings", st: Any) -> dict[str, Any]:
-    """The last update of a stack and its outputs (secret ones masked)."""
-    from dn import engine
-
-    info: dict[str, Any] = {"name": st.name, "exists": True}
-    with engine._mapped("info", st.name, st.workspace.env_vars or {}):
-        last = st.info(show_secrets=False)
-        outs = st.outputs()
-    if last is not None:
-        info.update(last_kind=last.kind, last_result=last.result,
-                    last_update=last.end_time.isoformat() if last.end_time else None,
-                    resources=sum((last.resource_changes or {}).values()))
-    info["outputs"] = {k: ("[secret]" if v.secret else v.value) for k, v in outs.items()}
-    return info
-
-
 def show(ctx: "Context", slug: str) -> dict[str, Any]:
     """A tenant's registry entry, its resources on the host and its stack's last update."""
     settings = ctx.settings
@@ -838,8 +822,10 @@ def show(ctx: "Context", slug: str) -> dict[str, Any]:
     if not _stack_exists(settings, slug):
         data["stack"] = {"name": slug, "exists": False}
         return data
+    from dn import engine
+
     try:
-        data["stack"] = stack_info(settings, tenant_stack(settings, spec, others, ctx.environ, host=rec.host))
+        data["stack"] = engine.stack_info(tenant_stack(settings, spec, others, ctx.environ, host=rec.host))
     except DnError as e:  # the registry answer is still worth showing
         data["stack"] = {"name": slug, "exists": True, "error": str(e)}
     return data
@@ -988,8 +974,10 @@ def host_show(ctx: "Context", host_name: str | None = None) -> dict[str, Any]:
     with connect(settings, "host show") as conn:
         data["tenants"] = [r.slug for r in list_tenants(conn, host=host.name)]
     if _stack_exists(settings, name):
+        from dn import engine
+
         try:
-            data["stack"] = stack_info(settings, host_stack(settings, host, ctx.environ))
+            data["stack"] = engine.stack_info(host_stack(settings, host, ctx.environ))
         except DnError as e:
             data["stack"] = {"name": name, "exists": True, "error": str(e)}
     return data
