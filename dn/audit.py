@@ -71,7 +71,7 @@ _BEARER_WORDS = {"cookie", "session", "sessionid"}
 # Keys that hold personal data of end users or customers' people (never in the audit log).
 _PERSONAL_KEYS = {"email", "emails", "emailaddress", "phone", "telephone", "mobile", "clientip",
                   "remoteaddr", "useragent", "cookieid", "fullname", "firstname", "lastname",
-                  "surname", "billingname", "billingaddress", "postaladdress", "street", "birthdate",
+                  "surname", "displayname", "billingname", "billingaddress", "postaladdress", "street", "birthdate",
                   "dateofbirth", "personname", "contactname"}
 
 _TOKEN_PATTERNS = [

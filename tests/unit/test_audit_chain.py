@@ -66,6 +66,7 @@ R, P = audit.REDACTED, audit.PERSONAL
     ("cookie_id", "GA1.2.3", P),         # an end user's cookie id is personal data
     ("billing_address", "Praha 1", P),
     ("fullName", "Jana Nováková", P),
+    ("display_name", "Jana Nováková", P),  # a sole trader's tenant is named after her
 ])
 def test_redact_by_key(key, value, expected):
     assert audit.redact({key: value}) == {key: expected}
