@@ -22,14 +22,18 @@ def up(ctx: typer.Context) -> None:
 
     c = ctx.obj
     started = time.monotonic()
-    parts = sandbox.up(c.settings.data_dir, progress=lambda m: c.err.print(f"[dim]sandbox:[/] {m}"))
+    embedded = c.settings.source.startswith("embedded default")
+    parts = sandbox.up(c.settings.data_dir, embedded=embedded,
+                       progress=lambda m: c.err.print(f"[dim]sandbox:[/] {m}"))
     c.err.print(f"sandbox up ({len(parts)} parts) in {time.monotonic() - started:.1f}s")
 
 
 @app.command()
 def down(ctx: typer.Context) -> None:
     """Remove the sandbox: its processes, namespaces, mounts, PostgreSQL cluster and files,
-    including the sandbox/ files of every data dir that used it."""
+    including the sandbox/ files of every data dir that used it. A data dir on the embedded
+    default keeps no records of the destroyed world: its stacks, state, audit witness, backup
+    keys, drill history, evidence and GDPR certificates move to <data_dir>/sandbox-reset-<time>/."""
     from dn import sandbox
 
     c = ctx.obj

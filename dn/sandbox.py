@@ -731,9 +731,11 @@ def _ensure_pg(files: ClientFiles, data_dirs: list[str], say: Progress) -> None:
         say(f"postgresql: cluster created on 127.0.0.1:{SANDBOX_PG_PORT}")
 
 
-def up(data_dir: Path, *, progress: Progress = _quiet) -> list[Part]:
+def up(data_dir: Path, *, embedded: bool = False, progress: Progress = _quiet) -> list[Part]:
     """Create or repair the sandbox for ``data_dir``; idempotent and quick when already up.
 
+    ``embedded``: ``data_dir`` runs on the embedded default, so everything dn records in it
+    describes this sandbox; ``down`` sets those records aside (:data:`SANDBOX_RECORDS`).
     Returns the status afterwards. Raises OperationFailed naming the part that did not come up.
     """
     _preflight()
@@ -750,6 +752,9 @@ def up(data_dir: Path, *, progress: Progress = _quiet) -> list[Part]:
         if str(data_dir) not in data_dirs:
             data_dirs.append(str(data_dir))
         data_dirs[:] = [d for d in data_dirs if Path(d).exists() or d == str(data_dir)]
+        embedded_dirs = set(state.get("embedded_data_dirs", [])) & set(data_dirs)
+        (embedded_dirs.add if embedded else embedded_dirs.discard)(str(data_dir))
+        state["embedded_data_dirs"] = sorted(embedded_dirs)
         _save_state(state)
 
         _ensure_client(files)
@@ -833,6 +838,34 @@ def _remove_cgroups() -> None:
                 time.sleep(0.1)
 
 
+# What dn records in a data dir about the world its settings point at. On the embedded default
+# that world is this sandbox, and `down` destroys it (hosts, second region, database): stack
+# state describing resources that are gone, an audit witness of a log that is gone, backup keys of
+# backups that are gone. Left in place they would make the next `up` inconsistent (a state
+# passphrase that no longer exists, a witness that reports the new log as tampered).
+SANDBOX_RECORDS = ("state", "stacks", "audit", "backup-keys", "dr", "evidence", "health", "ssh", "gdpr")
+RESET_PREFIX = "sandbox-reset-"
+
+
+def set_aside_records(data_dir: Path) -> Path | None:
+    """Move ``data_dir``'s records of the sandbox world (:data:`SANDBOX_RECORDS`) and its state
+    passphrase into ``<data_dir>/sandbox-reset-<UTC time>/`` (the previous such folder is
+    removed); None when there is nothing to move. Tool caches (pulumi-home, policy launchers) stay."""
+    present = [data_dir / n for n in SANDBOX_RECORDS if (data_dir / n).exists()]
+    passphrase = ClientFiles.of(data_dir).passphrase
+    if not present and not passphrase.exists():
+        return None
+    for old in data_dir.glob(RESET_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    dest = data_dir / (RESET_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    dest.mkdir(mode=0o700)
+    for p in present:
+        os.rename(p, dest / p.name)
+    if passphrase.exists():  # the moved state stays readable with it
+        os.rename(passphrase, dest / passphrase.name)
+    return dest
+
+
 def down(*, progress: Progress = _quiet) -> None:
     """Remove everything ``up`` made: processes, namespaces, mounts, cgroups, files."""
     if os.geteuid() != 0:
@@ -872,6 +905,11 @@ def down(*, progress: Progress = _quiet) -> None:
 
         for d in state.get("data_dirs", []):
             files = ClientFiles.of(Path(d))
+            if d in state.get("embedded_data_dirs", []):
+                kept = set_aside_records(Path(d))
+                if kept is not None:
+                    progress(f"{d}: its records of this sandbox (stacks, state, audit witness, evidence...) "
+                             f"set aside in {kept}")
             for f in files.all():
                 f.unlink(missing_ok=True)
             for leftover in (files.dir, files.dir.parent):

@@ -286,11 +286,26 @@ def test_down_removes_everything_and_up_rebuilds_from_leftovers(sandbox, tmp_pat
             s.run(["docker", "run", "-d", "--name", f"dn-test-{uuid.uuid4().hex[:8]}", sb.IMAGE])
         held = ssh.connect(sandbox.host)
         assert mounts_under(sb.SANDBOX_ROOT) and sb.sandbox_processes()
+        # what dn recorded about this sandbox world in an embedded-default data dir, and a data
+        # dir with its own configuration that also used the sandbox (its records are its own)
+        marker = f"witness-{uuid.uuid4().hex[:8]}"
+        (sandbox.data_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+        (sandbox.data_dir / "audit" / marker).write_text("head 42\n")
+        own = tmp_path / "own-config-data"
+        sb.up(own, embedded=False)
+        (own / "state").mkdir()
+        (own / "state" / "stack.json").write_text("{}")
         started = time.monotonic()
         r = dn_cli(["sandbox", "down"], sandbox.data_dir, tmp_path)
         took_down = time.monotonic() - started
         assert r.returncode == 0, r.stderr
         held.close()
+        (reset,) = sandbox.data_dir.glob(sb.RESET_PREFIX + "*")
+        assert (reset / "audit" / marker).read_text() == "head 42\n" and (reset / "passphrase").exists()
+        assert not any((sandbox.data_dir / n).exists() for n in sb.SANDBOX_RECORDS)
+        assert "set aside in" in r.stderr
+        assert (own / "state" / "stack.json").read_text() == "{}"
+        assert not any(f.exists() for f in sb.ClientFiles.of(own).all())
 
         netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
         assert "dn-eu1" not in netns and "dn-eu2" not in netns

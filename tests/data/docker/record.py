@@ -52,7 +52,7 @@ def _cleanup(s: ssh.Session) -> None:
 
 
 def main() -> None:
-    sandbox.up(TEST_DATA)
+    sandbox.up(TEST_DATA, embedded=True)
     settings = sandbox_settings(TEST_DATA)
     with ssh.connect(settings.host()) as s:
         _cleanup(s)
