@@ -7,6 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.fixtures.sandbox import remove_backup_dir
+
 from dn.backup import crypto, keys, run
 from dn.backup.manifest import Manifest
 from dn.errors import InvalidInput, Unreachable
@@ -99,7 +101,6 @@ def table_rows(conn, table: str) -> list[tuple]:
 @pytest.fixture
 def bk(sandbox, dn_settings_data, pg_cluster, pg_database, pg_super):
     """Settings for the test database plus a private directory in the sandbox's backup region."""
-    from dn.backup.store import Store
     from dn.config import Settings
 
     # drills and restores create scratch databases: the owner role needs CREATEDB (runbook:
@@ -110,17 +111,7 @@ def bk(sandbox, dn_settings_data, pg_cluster, pg_database, pg_super):
     settings = Settings.model_validate({**dn_settings_data, "backup": backup, "source": "test"})
     env = {"DN_PASSPHRASE": PASSPHRASE}
     yield settings, env
-    with Store.open(settings.backup, retries=0) as store:
-        for lst in store.list():
-            store.remove(lst.id)
-        for sub in ("keys/destroyed", "keys"):
-            d = f"{path}/{sub}"
-            if store._exists(d):
-                for n in store.sftp.listdir(d):
-                    if not n.startswith("destroyed"):
-                        store.sftp.remove(f"{d}/{n}")
-                store.sftp.rmdir(d)
-        store.sftp.rmdir(path)
+    remove_backup_dir(settings.backup, path)
 
 
 @pytest.fixture(autouse=True)

@@ -130,7 +130,6 @@ def test_damaged_backup_fails_the_drill_naming_the_artifact(bk, pg_super, how):
     generate(pg_super, tenants=3, events=2000)
     m = run.run_backup(settings, env)
     _damage(settings, m.id, how)
-    alerts = []
     cmd = [sys.executable, "-c", "import sys, json; json.load(sys.stdin); open(sys.argv[1], 'w').write('alerted')",
            str(Path(settings.data_dir) / "alert.out")]
     settings = settings.model_copy(update={"alert": settings.alert.model_copy(update={"command": cmd})})

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.sandbox import remove_backup_dir
+
 PASSPHRASE = "gdpr tests: a passphrase long enough for scrypt"
 HOST = "sandbox-eu1"
 PLATFORM_TABLES = ("tenants", "users", "api_keys", "tenant_containers", "tenant_settings", "gtm_workspaces",
@@ -51,7 +53,6 @@ def wipe_gdpr(conn) -> None:
 @pytest.fixture
 def gdpr_env(sandbox, dn_settings_data, pg_super):
     """Settings on the test database with the sandbox host (eu1) and a private backup directory."""
-    from dn.backup.store import Store
     from dn.config import Settings
     from dn.context import Context
 
@@ -65,18 +66,7 @@ def gdpr_env(sandbox, dn_settings_data, pg_super):
     environ.update({"DN_PASSPHRASE": PASSPHRASE, "DN_FERNET_KEYS": fernet_key()})
     ctx = Context(environ=environ, _settings=settings)
     yield Env(settings, ctx, data, environ)
-    with Store.open(settings.backup, retries=0) as store:
-        if store._exists(path):
-            for lst in store.list():
-                store.remove(lst.id)
-            for sub in ("keys/destroyed", "keys"):
-                d = f"{path}/{sub}"
-                if store._exists(d):
-                    for n in store.sftp.listdir(d):
-                        if store._exists(f"{d}/{n}") and n != "destroyed":
-                            store.sftp.remove(f"{d}/{n}")
-                    store.sftp.rmdir(d)
-            store.sftp.rmdir(path)
+    remove_backup_dir(settings.backup, path)
     wipe_gdpr(pg_super)
 
 

@@ -42,7 +42,7 @@ from dn import ssh
 from dn.verify import core
 from dn.verify.claims import CLAIMS
 from dn.verify.probe import Probe
-from tests.fixtures.sandbox import host_lock
+from tests.fixtures.sandbox import host_lock, sftp_rmtree
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.postgres]
 
@@ -264,7 +264,7 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
                     hf.remove_baseline(s, host)
             s.close()
             with Store.open(settings.backup, retries=0) as store:
-                _rmtree(store.sftp, backup_path)
+                sftp_rmtree(store.sftp, backup_path)
             _wipe(pg)
             pg.execute("DELETE FROM fernet_keys")
             pg.close()
@@ -283,20 +283,6 @@ def passed_drill(settings, env) -> dict:
     return report
 
 
-def _rmtree(sftp, path: str) -> None:
-    import stat
-
-    try:
-        entries = sftp.listdir_attr(path)
-    except FileNotFoundError:
-        return
-    for e in entries:
-        p = f"{path}/{e.filename}"
-        if stat.S_ISDIR(e.st_mode):
-            _rmtree(sftp, p)
-        else:
-            sftp.remove(p)
-    sftp.rmdir(path)
 
 
 # --------------------------------------------------------------------------- running the checks
@@ -722,7 +708,7 @@ def test_gap_in_daily_backups_fails_retention(v):
         results = verify(v)
     finally:
         with store_of(v) as store:
-            _rmtree(store.sftp, f"{store.root}/{old}")
+            sftp_rmtree(store.sftp, f"{store.root}/{old}")
     assert_only(results, {"backup.retention"})
     assert "no platform backup on 4 day(s) inside the 30-day window" in evidence(results, "backup.retention")
 
