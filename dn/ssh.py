@@ -46,6 +46,9 @@ log = logging.getLogger("dn.ssh")
 DEFAULT_PORT = 22
 KEEPALIVE_SECONDS = 15
 STDERR_TAIL = 1500  # characters of a failed command's stderr kept in its error message
+# A command dn gave up on (its timeout passed) must not keep running on the host: each command runs
+# under coreutils' timeout, which sends TERM this long after dn's own deadline, and KILL 5 s later.
+HOST_STOP_MARGIN = 2.0
 TMP_MARK = ".dn-tmp-"
 PREV_MARK = ".dn-prev"
 
@@ -498,7 +501,8 @@ class Session:
         Each argument is quoted, so it arrives verbatim. ``stdin`` (bytes) is the only channel
         for secrets: it is never logged and never appears in an error. ``check`` raises
         CommandFailed on a non-zero exit. ``timeout`` defaults to the target's command_timeout;
-        on expiry the channel is closed and CommandTimeout raised.
+        on expiry the channel is closed and CommandTimeout raised; the host stops the command
+        ``HOST_STOP_MARGIN`` seconds later (it runs under ``timeout``).
         """
         cmd = quote_argv(argv)
         if stdin is not None and not isinstance(stdin, (bytes, bytearray)):
@@ -511,7 +515,7 @@ class Session:
             raise self._lost(f"opening a channel for `{_short(cmd, 60)}`", e) from None
         sender: threading.Thread | None = None
         try:
-            chan.exec_command(cmd)
+            chan.exec_command(quote_argv(["timeout", "--kill-after=5", f"{limit + HOST_STOP_MARGIN:.3f}", *argv]))
             if stdin:
                 sender = threading.Thread(target=_feed, args=(chan, bytes(stdin)), daemon=True)
                 sender.start()
@@ -524,7 +528,7 @@ class Session:
                 if remaining <= 0:
                     raise CommandTimeout(
                         f"{self.where}: `{_short(cmd)}` did not finish within {limit:g}s",
-                        hint="the remote process may still be running; raise the timeout or check the host",
+                        hint=f"the host stops it {HOST_STOP_MARGIN:g}s later; raise the timeout if it needs longer",
                     )
                 select.select([chan], [], [], min(remaining, 0.5))
                 while chan.recv_ready():

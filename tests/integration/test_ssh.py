@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -335,7 +336,8 @@ def test_missing_key_and_known_hosts_are_config_errors(sandbox, tmp_path):
 
 @pytest.mark.sandbox
 @pytest.mark.parametrize("update, phrase", [
-    ({"port": 2}, "connection refused"),
+    # a closed port on loopback (the sandbox host may have its DROP baseline applied: no RST there)
+    ({"address": "127.0.0.1", "port": 1}, "connection refused"),
     ({"address": "10.231.1.77", "connect_timeout": 1.0}, "10.231.1.77"),  # nobody there
     ({"port": 80, "connect_timeout": 2.0}, "SSH handshake failed"),  # nginx, not sshd
 ])
@@ -416,9 +418,17 @@ def test_failed_command_carries_rc_and_trimmed_stderr(sandbox):
 
 @pytest.mark.sandbox
 def test_command_timeout(sandbox):
+    """A command dn gave up on does not keep running on the host."""
+    naptime = f"{30 + secrets.randbelow(1000) / 1000:.3f}"  # names this test's process alone
     with ssh.connect(sandbox.host) as s:
-        with pytest.raises(ssh.CommandTimeout, match="did not finish within 1s"):
-            s.run(["sleep", "30"], timeout=1)
+        with pytest.raises(ssh.CommandTimeout, match="did not finish within 1s") as ei:
+            s.run(["sleep", naptime], timeout=1)
+        assert "the host stops it" in ei.value.hint
+        assert s.run(["pgrep", "-fx", f"sleep {naptime}"], check=False).rc == 0  # still running now
+        deadline = time.monotonic() + ssh.HOST_STOP_MARGIN + 5
+        while s.run(["pgrep", "-fx", f"sleep {naptime}"], check=False).rc == 0:
+            assert time.monotonic() < deadline, "the timed-out command still runs on the host"
+            time.sleep(0.2)
         assert s.run(["echo", "still usable"]).text == "still usable\n"
     tight = sandbox.host.model_copy(update={"command_timeout": 1.0})
     with ssh.connect(tight) as s, pytest.raises(ssh.CommandTimeout):
