@@ -20,8 +20,18 @@ def list_(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="p
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: str = typer.Argument(..., help="NAME or NAME#section")) -> None:
+def show(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="NAME or NAME#section"),
+    json: bool = typer.Option(False, "--json", help="print JSON: name, section, text and the section anchors"),
+) -> None:
     """Print a runbook, or one section of it (NAME#section)."""
     from dn import runbooks
 
-    ctx.obj.out(runbooks.get(name))
+    text = runbooks.get(name)
+    if json:
+        book, _, section = name.partition("#")
+        ctx.obj.out_json({"name": book, "section": section or None, "text": text,
+                          "sections": list(runbooks.sections_of(runbooks.get(book)))})
+        return
+    ctx.obj.out(text)

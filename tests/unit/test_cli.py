@@ -58,6 +58,19 @@ def test_domain_error_through_run(capsys):
     assert out == "" and "runbook: no runbook named 'nope'" in err
 
 
+def test_runbook_show_json(capsys):
+    import json
+
+    code, out, _ = invoke(["runbook", "show", "incident-response", "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["name"] == "incident-response" and doc["section"] is None
+    assert doc["text"] == runbooks.get("incident-response") and doc["sections"]
+    anchor = doc["sections"][0]
+    code, out, _ = invoke(["runbook", "show", f"incident-response#{anchor}", "--json"], capsys)
+    one = json.loads(out)
+    assert code == 0 and one["section"] == anchor and one["text"] == runbooks.get(f"incident-response#{anchor}")
+
+
 @pytest.mark.parametrize("noun", [""] + [n for n, _, _ in NOUNS])
 def test_help_does_not_import_heavy_modules(noun):
     code = (
