@@ -1,6 +1,7 @@
 """dn backup: encrypted backups of the platform database (or one tenant) in the second EU region."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -123,6 +124,34 @@ def prune(
         c.out(f"{verb} {d['id']} {d['series']}: {d['reason']}")
     if not data:
         c.out("nothing to remove")
+
+
+@app.command("offline")
+def offline(
+    ctx: typer.Context,
+    to: Path = typer.Option(..., "--to", help="the mounted offline disk (a directory) to copy into"),
+    backup: Optional[str] = typer.Option(None, "--backup", metavar="ID",
+                                         help="copy this backup (default: the newest month's monthly copies)"),
+    json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Make the monthly offline copy: copy the newest month's monthly copies (platform and every
+    tenant) from the second region into --to, as stored (encrypted, each artifact checked against
+    its manifest, the wrapped data keys beside them), and record it in the region for `dn verify`.
+    Unmount the disk and store it away afterwards."""
+    from dn import audit
+    from dn.backup import offline as off
+
+    c = ctx.obj
+    off.check_args(to, backup)  # bad input: exit 2, nothing audited, read or written
+    with audit.privileged(c, "backup offline", {"to": str(to), "backup": backup}, lock=["db:backup-offline"]) as op:
+        done = off.copy_offline(c.settings, c.environ, to, backup_id=backup,
+                                progress=lambda s: c.err.print(s, soft_wrap=True, markup=False))
+        op.args["copied"] = [d["backup"] for d in done if d["result"] == "copied"]
+    if json:
+        c.out_json(done)
+        return
+    for d in done:
+        c.out(f"{d['backup']} {d['series']} ({d['month']}): {d['result']} -> {d['path']}")
 
 
 @app.command("shred")

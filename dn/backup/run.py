@@ -222,6 +222,7 @@ class Row:
             "reason": self.decision.reason,
             "verified": bool(drill and drill.get("ok")),
             "last_drill": drill,
+            "offline": self.listing.offline,
             "key_id": m.key.id if m else None,
         }
 

@@ -38,6 +38,7 @@ WRITE_BLOCK = 1 << 20
 READ_WINDOW = 8 << 20
 BACKOFF_CAP = 60.0
 DRILL_MARK = "drill.json"
+OFFLINE_MARK = "offline.json"  # where and when the monthly offline copy of this backup was made
 KEYS_DIR = "keys"
 
 
@@ -95,6 +96,7 @@ class Listing:
     manifest: Manifest | None  # None: incomplete upload
     drill: dict | None = None  # the last drill's verdict, if any
     error: str | None = None  # the manifest exists but cannot be read
+    offline: dict | None = None  # the last offline copy made of it (dn backup offline), if any
 
     @property
     def complete(self) -> bool:
@@ -346,14 +348,15 @@ class Store:
             return Listing(backup_id, id_time(backup_id), None, error=e.message)
         if m.id != backup_id:
             return Listing(backup_id, id_time(backup_id), None, error=f"manifest names backup {m.id}")
-        drill = None
-        dpath = self._path(backup_id, DRILL_MARK)
-        if self._exists(dpath):
-            try:
-                drill = json.loads(self._get_small(dpath, 1 << 20))
-            except ValueError:
-                drill = {"ok": False, "error": "unreadable drill record"}
-        return Listing(backup_id, m.snapshot_at, m, drill)
+        marks = {}
+        for mark in (DRILL_MARK, OFFLINE_MARK):
+            mpath = self._path(backup_id, mark)
+            if self._exists(mpath):
+                try:
+                    marks[mark] = json.loads(self._get_small(mpath, 1 << 20))
+                except ValueError:
+                    marks[mark] = {"ok": False, "error": f"unreadable {mark} record"}
+        return Listing(backup_id, m.snapshot_at, m, marks.get(DRILL_MARK), offline=marks.get(OFFLINE_MARK))
 
     def manifest(self, backup_id: str) -> Manifest:
         lst = self._listing(backup_id)
@@ -374,6 +377,13 @@ class Store:
 
     def record_drill(self, backup_id: str, verdict: dict) -> None:
         self._put_small(self._path(backup_id, DRILL_MARK), json.dumps(verdict, sort_keys=True).encode())
+
+    def record_offline(self, backup_id: str, record: dict) -> None:
+        self._put_small(self._path(backup_id, OFFLINE_MARK), json.dumps(record, sort_keys=True).encode())
+
+    def manifest_bytes(self, backup_id: str) -> bytes:
+        """The manifest exactly as stored (its MAC covers these bytes' content)."""
+        return self._get_small(self._path(backup_id, MANIFEST_NAME))
 
     # -- removal -----------------------------------------------------------------------------
     def remove(self, backup_id: str) -> None:

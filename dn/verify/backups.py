@@ -147,6 +147,17 @@ def _months_between(first: date, last: date) -> list[tuple[int, int]]:
     return out
 
 
+OFFLINE_GRACE = timedelta(days=7)
+
+
+def offline_due(created: datetime) -> datetime:
+    """When the offline copy of the monthly copy made at ``created`` is due: a week into the
+    following month."""
+    c = created.astimezone(timezone.utc)
+    first_next = datetime(c.year + (c.month == 12), c.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return first_next + OFFLINE_GRACE
+
+
 def check_monthly(probe: "Probe") -> tuple[Status, list[str]]:
     r = probe.settings.retention
     fails, ev = [], []
@@ -156,7 +167,14 @@ def check_monthly(probe: "Probe") -> tuple[Status, list[str]]:
     monthly = sorted((row for row in rows if row.decision.keep and row.decision.tier == "monthly"),
                      key=lambda row: row.listing.created)
     for row in monthly:
-        ev.append(f"monthly copy {row.listing.id} ({row.listing.created:%Y-%m}): {row.decision.reason}")
+        off = row.listing.offline or {}
+        where = (f"offline copy made {off.get('at')} to {off.get('to')}" if off.get("at")
+                 else "no offline copy yet (dn backup offline)")
+        ev.append(f"monthly copy {row.listing.id} ({row.listing.created:%Y-%m}): {row.decision.reason}; {where}")
+        # the trust page's "monthly offline copy": due in the first week after the copy's month
+        if not off.get("at") and probe.now >= offline_due(row.listing.created):
+            fails.append(f"monthly copy {row.listing.id} ({row.listing.created:%Y-%m}) has no offline copy: "
+                         "run `dn backup offline --to <disk>`")
     if not rows:
         fails.append("no platform backup at all, so no monthly copy")
         return Status.FAIL, fails + ev

@@ -66,8 +66,9 @@ CLAIMS: tuple[Claim, ...] = (
           backups.check_retention),
     Claim("backup.monthly",
           "Backups to a second EU region, 30-day retention (daily) + a monthly offline copy",
-          "dn's prune plan keeps the first backup of each month (retention.backup_monthly_months ≥ 1) and every "
-          "complete month since the series began has one",
+          "dn's prune plan keeps the first backup of each month (retention.backup_monthly_months ≥ 1), every "
+          "complete month since the series began has one, and each complete month's copy was also copied offline "
+          "(dn backup offline)",
           backups.check_monthly),
     Claim("dr.drill",
           "restore tested monthly. RPO 24h, RTO 4h for a full restore",

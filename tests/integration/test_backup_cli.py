@@ -10,6 +10,7 @@ import pytest
 
 from dn.errors import ExitCode
 from tests.fixtures.postgres import to_toml
+from tests.fixtures.sandbox import remove_backup_dir
 from tests.integration.test_backup import PASSPHRASE, bk, cheap_scrypt, generate  # noqa: F401
 
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]
@@ -124,3 +125,102 @@ def test_restore_after_losing_the_platform_database_is_audited_in_the_restored_o
             assert rows == [("dr restore", "ok")]
     finally:
         pg_super.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_offline_copy_of_the_monthly_copies(cli, pg_super, tmp_path):
+    """`dn backup offline`: the newest month's monthly copies, as stored, checked artifact by
+    artifact, with the wrapped keys beside them; recorded in the region; idempotent; a damaged
+    artifact leaves nothing behind; bad input exits 2 having written nothing."""
+    import hashlib
+
+    from dn.backup import run
+    from dn.backup.manifest import MANIFEST_NAME
+
+    dn, settings = cli
+    generate(pg_super, tenants=2, events=50)
+    platform = dn("backup", "run").stdout.strip()
+    tenant = dn("backup", "run", "--tenant", "shop-0001").stdout.strip()
+    disk = tmp_path / "offline-disk"
+
+    r = dn("backup", "offline", "--to", str(disk))  # not mounted (no such directory)
+    assert r.returncode == ExitCode.INVALID and "--to" in r.stderr and not disk.exists()
+    disk.mkdir()
+    r = dn("backup", "offline", "--to", str(disk), "--backup", "../../etc")
+    assert r.returncode == ExitCode.INVALID and "--backup" in r.stderr and list(disk.iterdir()) == []
+    assert pg_super.execute("SELECT count(*) FROM audit_log WHERE command = 'backup offline'").fetchone() == (0,)
+    r = dn("backup", "offline", "--to", str(disk), "--backup", platform[:-1] + ("0" if platform[-1] != "0" else "1"))
+    assert r.returncode == ExitCode.INVALID and "no backup" in r.stderr and list(disk.iterdir()) == []
+
+    r = dn("backup", "offline", "--to", str(disk), "--json")
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert sorted(d["backup"] for d in done) == sorted([platform, tenant])
+    assert {d["result"] for d in done} == {"copied"}
+    with run.open_store(settings) as store:
+        for d in done:
+            copy = disk / d["backup"]
+            m = store.manifest(d["backup"])
+            assert (copy / "manifest.json").read_bytes() == store.sftp.open(
+                f"{store.root}/{d['backup']}/{MANIFEST_NAME}").read()
+            for a in m.artifacts:
+                assert hashlib.sha256((copy / a.name).read_bytes()).hexdigest() == a.sha256
+            assert (disk / "keys" / f"{m.key.owner}.json").read_bytes() == store.get_key(m.key.owner)
+            assert (copy / a.name).stat().st_mode & 0o077 == 0  # ciphertext, still private
+        listed = {lst.id: lst for lst in store.list()}
+    assert listed[platform].offline["to"] == str(disk / platform)
+    r = dn("backup", "list", "--json")
+    rows = {row["id"]: row for row in json.loads(r.stdout)}
+    assert rows[tenant]["offline"]["manifest_sha256"] == done[0 if done[0]["backup"] == tenant else 1]["manifest_sha256"]
+
+    again = dn("backup", "offline", "--to", str(disk), "--json")
+    assert again.returncode == 0 and {d["result"] for d in json.loads(again.stdout)} == {"already there"}
+
+    # a damaged artifact in the region: refused, and no partial copy is left on the disk
+    other = tmp_path / "second-disk"
+    other.mkdir()
+    with run.open_store(settings) as store:
+        name = store.manifest(platform).artifacts[0].name
+        path = f"{store.root}/{platform}/{name}"
+        data = bytearray(store.sftp.open(path).read())
+        data[len(data) // 2] ^= 0x01
+        with store.sftp.open(path, "wb") as f:
+            f.write(bytes(data))
+    r = dn("backup", "offline", "--to", str(other), "--backup", platform)
+    assert r.returncode == ExitCode.FAILED and f"artifact {name}" in r.stderr
+    assert list(other.iterdir()) == []
+    outcomes = pg_super.execute("SELECT outcome, exit_code FROM audit_log WHERE command = 'backup offline' "
+                                "ORDER BY seq").fetchall()
+    # no such backup (asked the region), copied, already there, damaged; bad input before: none
+    assert outcomes == [("failed", 2), ("ok", 0), ("ok", 0), ("failed", 1)], outcomes
+
+
+def test_a_drill_restores_from_the_offline_copy(cli, pg_super, sandbox):
+    """The disk has the region's layout: served as the backup target (here: a directory in the
+    sandbox's second region), the platform copy on it restores and passes a drill."""
+    from dn import sandbox as sb
+
+    dn, settings = cli
+    generate(pg_super, tenants=2, events=50)
+    backup_id = dn("backup", "run").stdout.strip()
+    disk_path = settings.backup.path + "-offline-disk"
+    disk = Path(str(sb.EU2_CHROOT) + disk_path)
+    disk.mkdir(mode=0o700)
+    try:
+        r = dn("backup", "offline", "--to", str(disk), "--backup", backup_id)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in disk.iterdir()) == sorted([backup_id, "keys"])
+        import shutil as sh
+
+        # the region is gone; the disk is all there is
+        remove_backup_dir(settings.backup, settings.backup.path)
+        (disk / backup_id / "offline.json").unlink(missing_ok=True)
+        for p in disk.rglob("*"):  # the region's SFTP user reads the disk
+            sh.chown(p, user=sb.BACKUP_USER)
+        sh.chown(disk, user=sb.BACKUP_USER)
+        cfg_env = {"DN__BACKUP__PATH": disk_path}
+        r = dn("dr", "drill", "--json", env=cfg_env)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["result"] == "passed" and report["backup"]["id"] == backup_id
+    finally:
+        remove_backup_dir(settings.backup, disk_path)

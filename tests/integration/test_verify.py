@@ -725,6 +725,26 @@ def test_no_monthly_copies_fails_monthly(v):
     assert "prune keeps no monthly copy" in evidence(results, "backup.monthly")
 
 
+def test_monthly_copy_never_taken_offline_fails_monthly(v, tmp_path):
+    """A complete month's copy with no offline copy a week into the next month fails; `dn backup
+    offline` (the real copy) makes it pass. The 45-day-old copy also upsets the daily window,
+    so only backup.monthly's own verdict on it is asserted."""
+    from dn.backup import offline
+
+    with store_of(v) as store:
+        old = _rewrite(v, store, _newest(store), timedelta(days=45), copy=True)
+    try:
+        before = evidence(verify(v, only=["backup.monthly"]), "backup.monthly")
+        assert f"monthly copy {old}" in before and "has no offline copy" in before
+        (done,) = offline.copy_offline(v.settings, v.env, tmp_path, backup_id=old)
+        assert done["result"] == "copied" and (tmp_path / old / "manifest.json").exists()
+        after = evidence(verify(v, only=["backup.monthly"]), "backup.monthly")
+        assert "has no offline copy" not in after and "offline copy made" in after and str(tmp_path / old) in after
+    finally:
+        with store_of(v) as store:
+            sftp_rmtree(store.sftp, f"{store.root}/{old}")
+
+
 def test_failed_drill_fails_dr(v):
     from dn.backup import drill
 
