@@ -6,10 +6,14 @@ removable disk, to be unmounted and stored away), one directory per backup:
 
     DIR/<backup id>/manifest.json  exactly as stored (its MAC still verifies)
     DIR/<backup id>/<artifact>     ciphertext, each checked against the manifest's SHA-256
-    DIR/keys/<owner>.json          the data keys, wrapped with the passphrase (as escrowed)
+    DIR/keys/platform.json         the platform data key, wrapped with the passphrase (as escrowed)
 
 the region's own layout, so the disk can serve as a backup target for a restore when the region
-is lost. Nothing is decrypted: the copy is as safe as the region's. A copy is written under
+is lost. Nothing is decrypted: the copy is as safe as the region's. A tenant's data key never goes
+to the disk: it stays here and in the region's escrow only, where ``dn backup shred`` (GDPR
+deletion) can reach it, so shredding it makes the tenant's copies on a disk in a drawer
+unreadable too. Restoring a tenant copy from the disk therefore needs this machine's keystore or
+the region's escrow. A copy is written under
 ``.<id>.partial`` and renamed when every artifact checked out, so a backup directory on the disk is
 complete. Each copied backup gets a record in the region (``offline.json``: when, where, SHA-256
 of the manifest) that ``dn verify``'s backup.monthly check reads. A backup whose key was
@@ -24,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from dn.backup import keys
 from dn.backup.manifest import MANIFEST_NAME
 from dn.backup.store import KEYS_DIR
 from dn.errors import InvalidInput, OperationFailed
@@ -110,10 +115,12 @@ def copy_one(store: "Store", row: "Row", to: Path, *, now: datetime, progress: P
         kept = final / MANIFEST_NAME
         if kept.exists() and hashlib.sha256(kept.read_bytes()).hexdigest() == manifest_sha:
             progress(f"{lst.id}: already in {to}")
+            if (lst.offline or {}).get("manifest_sha256") != manifest_sha:  # copied, then cut short
+                _record(store, lst.id, final, manifest_sha, now)
             return {**out, "result": "already there"}
         raise OperationFailed(f"{final} exists and is not this backup's copy", hint="move it away, then rerun")
-    key = store.get_key(m.key.owner)
-    if key is None:
+    key = store.get_key(m.key.owner) if m.key.owner == keys.PLATFORM else None
+    if m.key.owner == keys.PLATFORM and key is None:
         raise OperationFailed(f"backup {lst.id}: its data key {m.key.owner} is not escrowed in the second region",
                               hint="see runbooks/disaster-recovery.md")
     shutil.rmtree(partial, ignore_errors=True)  # a copy cut short before
@@ -122,16 +129,21 @@ def copy_one(store: "Store", row: "Row", to: Path, *, now: datetime, progress: P
         for a in m.artifacts:
             progress(f"{lst.id}: {a.name} ({a.size} bytes)")
             _copy_artifact(store, lst.id, a.name, a.size, a.sha256, partial / a.name)
-        (to / KEYS_DIR).mkdir(mode=0o700, exist_ok=True)
-        write_atomic(to / KEYS_DIR / f"{m.key.owner}.json", key)  # the newest wrapping of that key
+        if key is not None:
+            (to / KEYS_DIR).mkdir(mode=0o700, exist_ok=True)
+            write_atomic(to / KEYS_DIR / f"{m.key.owner}.json", key)  # the newest wrapping of that key
         write_atomic(partial / MANIFEST_NAME, raw_manifest)
         os.rename(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    store.record_offline(lst.id, {"at": now.isoformat(timespec="seconds"), "to": str(final),
-                                  "manifest_sha256": manifest_sha})
+    _record(store, lst.id, final, manifest_sha, now)
     return {**out, "result": "copied"}
+
+
+def _record(store: "Store", backup_id: str, final: Path, manifest_sha: str, now: datetime) -> None:
+    store.record_offline(backup_id, {"at": now.isoformat(timespec="seconds"), "to": str(final),
+                                     "manifest_sha256": manifest_sha})
 
 
 def copy_offline(settings: "Settings", environ: Mapping[str, str], to: Path, *, backup_id: str | None = None,
