@@ -418,21 +418,29 @@ def _tcp_banner(address: str, port: int, expect: bytes, timeout: float = 1.0) ->
 # --------------------------------------------------------------------------------------------
 # state and lock
 # --------------------------------------------------------------------------------------------
+def flock_within(fd, timeout: float, poll: float = 0.2) -> bool:
+    """Take an exclusive flock on ``fd`` (a descriptor or file), waiting up to ``timeout`` s;
+    False when another holder kept it that long. The sandbox's users (dn sandbox, test sessions)
+    coordinate with it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
+
+
 @contextmanager
 def _locked(timeout: float = 600) -> Iterator[None]:
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Locked(f"sandbox: another `dn sandbox` run holds {LOCK_PATH}",
-                                 hint="wait for it to finish, then rerun") from None
-                time.sleep(0.2)
+        if not flock_within(fd, timeout):
+            raise Locked(f"sandbox: another `dn sandbox` run holds {LOCK_PATH}",
+                         hint="wait for it to finish, then rerun")
         yield
     finally:
         os.close(fd)
