@@ -50,6 +50,17 @@ def ensure_host_dn() -> None:
         pass
 
 
+def with_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each ``"section.key": value`` of ``changes`` set in place (returns it)."""
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return data
+
+
 @dataclass
 class Env:
     settings: Any
@@ -77,13 +88,7 @@ class Env:
     def write_config(self, path: Path, **changes: Any) -> Path:
         from tests.fixtures.postgres import to_toml
 
-        data = json.loads(json.dumps(self.data))
-        for dotted, value in changes.items():
-            node = data
-            keys = dotted.split(".")
-            for k in keys[:-1]:
-                node = node[k]
-            node[keys[-1]] = value
+        data = with_changes(json.loads(json.dumps(self.data)), changes)
         data.pop("source", None)
         path.write_text(to_toml(data) + "\n")
         return path

@@ -66,12 +66,9 @@ def settings_for(data_dir: Path, **changes):
     base["secrets"] = {"passphrase_file": str(pf)}
     base["plans"] = {"standard": {}, "busy": {"rate_per_ip": 25, "burst_per_ip": 50, "rate_per_tenant": 600,
                                               "burst_per_tenant": 1200}}
-    for dotted, value in changes.items():
-        node = base
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
+    from tests.stacks.e2e import with_changes
+
+    with_changes(base, changes)
     return Settings.model_validate({**base, "source": "tests/data/events/record.py"})
 
 
