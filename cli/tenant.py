@@ -13,19 +13,22 @@ _CC_FILE = typer.Option(None, "--container-config-file", metavar="FILE",
 _CC_STDIN = typer.Option(False, "--container-config-stdin", help="read CONTAINER_CONFIG from stdin")
 
 
-def _request(slug: str, **kw):
-    from dn.tenants import TenantRequest
-
-    return TenantRequest(slug=slug, **kw)
-
-
-def _secret(file: Optional[Path], stdin: bool):
+def _request(slug: str, file: Optional[Path], stdin: bool, **kw):
+    """The request, with CONTAINER_CONFIG read from its file or stdin; a secret that cannot be
+    read is reported together with every other invalid field, not alone."""
     from pydantic import SecretStr
 
     from cli.stack import read_secret
+    from dn.errors import InvalidInput
+    from dn.tenants import TenantRequest
 
-    value = read_secret(file, stdin, "container_config", "container-config")
-    return SecretStr(value) if value is not None else None
+    unreadable = []
+    try:
+        value = read_secret(file, stdin, "container_config", "container-config")
+    except InvalidInput as e:
+        value, unreadable = None, [(e.field, e.rule)]
+    return TenantRequest(slug=slug, container_config=SecretStr(value) if value is not None else None,
+                         unreadable=unreadable, **kw)
 
 
 @app.command()
@@ -52,8 +55,7 @@ def create(
     from dn import tenants
 
     c = ctx.obj
-    req = _request(slug, domains=domain, plan=plan, image=image,
-                   container_config=_secret(container_config_file, container_config_stdin),
+    req = _request(slug, container_config_file, container_config_stdin, domains=domain, plan=plan, image=image,
                    preview=False if no_preview else None, display_name=name, host=host,
                    backup_schedule=backup_schedule)
     plan_, result = tenants.create(c, req, dry_run=dry_run, on_event=progress(c, slug),
@@ -153,8 +155,7 @@ def update(
     from dn import tenants
 
     c = ctx.obj
-    req = _request(slug, domains=domain, plan=plan, image=image,
-                   container_config=_secret(container_config_file, container_config_stdin),
+    req = _request(slug, container_config_file, container_config_stdin, domains=domain, plan=plan, image=image,
                    preview=preview, status=status, display_name=name, backup_schedule=backup_schedule)
     plan_, result = tenants.update(c, req, dry_run=dry_run, on_event=progress(c, slug))
     if dry_run:

@@ -760,6 +760,13 @@ def invalid_from(e: ValidationError, prefix: str = "") -> InvalidInput:
         if m:
             field, rule = f"{field}[{m.group(1)}]", rule[m.end():]
         pairs.append((field, rule))
+    return invalid_all(pairs)
+
+
+def invalid_all(pairs: Sequence[tuple[str, str]]) -> InvalidInput:
+    """One InvalidInput naming every (field, rule) pair: the first names the field, the rest follow
+    ("; also ..."); ``.errors`` keeps them all."""
+    pairs = list(pairs)
     field, rule = pairs[0]
     if len(pairs) > 1:
         rule += "; also " + "; ".join(f"{f}: {r}" for f, r in pairs[1:])
@@ -782,20 +789,39 @@ def parse_tenant(
     the host resources see it, without the secret ``container_config`` (``host_view_data``).
     """
     data = dict(data)
+    pairs: list[tuple[str, str]] = []  # every invalid field is reported at once
     if plans is not None:
         if "limits" in data:
             raise InvalidInput("limits", "is derived from the plan and must not be given")
         plan = data.get("plan", "standard")
         if not isinstance(plan, str) or plan not in plans:
-            raise InvalidInput("plan", f"unknown plan {_show(plan)}; configured: {', '.join(sorted(plans))}")
-        data["limits"] = plans[plan]
+            pairs.append(("plan", f"unknown plan {_show(plan)}; configured: {', '.join(sorted(plans))}"))
+            data["limits"] = PlanConfig()  # stands in so that the other fields are still checked
+        else:
+            data["limits"] = plans[plan]
+    spec = None
     try:
         spec = TenantSpec.model_validate(data, context={"host_view": host_view})
     except ValidationError as e:
-        raise invalid_from(e) from None
-    if allowed_registries is not None:
-        check_image_allowed(spec.image, allowed_registries)
+        known = {f for f, _ in pairs}
+        pairs += [p for p in invalid_from(e).errors if p[0] not in known]  # type: ignore[attr-defined]
+    image = data.get("image")
+    if allowed_registries is not None and isinstance(image, str) and not any(f == "image" for f, _ in pairs):
+        try:
+            check_image_allowed(image, allowed_registries)
+        except InvalidInput as e:
+            pairs.append((e.field, e.rule))
+    if pairs:
+        order = list(TenantSpec.model_fields)
+        raise invalid_all(sorted(pairs, key=lambda p: field_rank(p[0], order)))
+    assert spec is not None
     return spec
+
+
+def field_rank(field: str, order: Sequence[str]) -> int:
+    """Where ``field`` (``domains[1]`` counts as ``domains``) comes in ``order``; unknown ones last."""
+    base = re.split(r"[.\[]", field, maxsplit=1)[0]
+    return order.index(base) if base in order else len(order)
 
 
 def host_view_data(spec: TenantSpec) -> dict[str, Any]:

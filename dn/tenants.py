@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -205,10 +205,14 @@ class TenantRequest:
     display_name: str | None = None
     host: str | None = None
     allow_wildcard: bool | None = None
+    # (field, rule) of input that could not even be read (a secret file that is not there),
+    # reported together with every other invalid field
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def audit_args(self) -> dict[str, Any]:
         """The request as the audit entry records it (the secret only as "given or not")."""
-        out = {k: v for k, v in self.__dict__.items() if v is not None and k != "container_config"}
+        out = {k: v for k, v in self.__dict__.items()
+               if v is not None and k not in ("container_config", "unreadable")}
         out["sgtm_config_given"] = self.container_config is not None
         return out
 
@@ -279,6 +283,94 @@ def _check_set(settings: "Settings", spec: TenantSpec, others: Iterable[TenantRe
 
 def _read_container_config(req: TenantRequest) -> str | None:
     return req.container_config.get_secret_value() if req.container_config is not None else None
+
+
+def _display_name_rule(name: str) -> str | None:
+    if not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name):
+        return "must be 1-200 printable characters"
+    return None
+
+
+def check_create_request(settings: "Settings", req: TenantRequest) -> None:
+    """Every check of a create request that needs no I/O (no database, no host), run before any
+    is attempted; raises one InvalidInput naming every invalid field (slug, domains, plan, image,
+    CONTAINER_CONFIG, schedule, host, status, display name)."""
+    pairs: list[tuple[str, str]] = list(req.unreadable)
+    host_name = req.host or settings.default_host
+    subnet = "10.0.0.0/28"  # a placeholder inside the host's pool, when the host is known
+    try:
+        settings.host(host_name)
+        subnet = _first_subnet(_host_of(settings, host_name))
+    except InvalidInput as e:
+        pairs.append((e.field, e.rule))
+    if req.container_config is None and not any(f == "container_config" for f, _ in pairs):
+        pairs.append(("container_config", "is required: give --container-config-file FILE or "
+                                          "--container-config-stdin (never on the command line)"))
+    if req.status not in (None, "active"):
+        pairs.append(("status", "a new tenant starts active"))
+    data = {
+        "slug": req.slug, "domains": list(req.domains or []), "plan": req.plan or "standard",
+        "image": req.image or settings.images.sgtm, "container_config": _read_container_config(req),
+        "preview": True if req.preview is None else req.preview,
+        "backup_schedule": req.backup_schedule or settings.schedules.backup,
+        "allow_wildcard": bool(req.allow_wildcard), "status": "active", "subnet": subnet,
+    }
+    try:
+        # a missing CONTAINER_CONFIG is reported above: the rest is checked without it
+        parse_tenant(data, plans=settings.plans, allowed_registries=settings.images.allowed_registries,
+                     host_view=req.container_config is None)
+    except InvalidInput as e:
+        pairs += getattr(e, "errors", [(e.field, e.rule)])
+    if req.display_name and (rule := _display_name_rule(req.display_name)):  # empty: the slug is the name
+        pairs.append(("display_name", rule))
+    if pairs:
+        raise _invalid_request(pairs)
+
+
+def check_update_request(settings: "Settings", req: TenantRequest) -> None:
+    """The checks of an update request that need no I/O: each given field on its own (what
+    depends on the registered tenant, such as wildcard domains or the domains of other tenants,
+    is checked against the registry afterwards); raises one InvalidInput naming every invalid field."""
+    from dn.models import check_slug
+
+    pairs: list[tuple[str, str]] = list(req.unreadable)
+    try:
+        check_slug(req.slug)
+    except ValueError as e:
+        pairs.append(("slug", str(e)))
+    if req.status not in (None, "active", "suspended"):
+        pairs.append(("status", "must be active or suspended (deletion is `dn gdpr delete` / `dn tenant destroy`)"))
+    if req.host is not None:
+        try:
+            settings.host(req.host)
+        except InvalidInput as e:
+            pairs.append((e.field, e.rule))
+    data = {
+        "slug": "placeholder", "domains": list(req.domains) if req.domains is not None else ["placeholder.invalid"],
+        "plan": req.plan if req.plan is not None else next(iter(settings.plans), "standard"),
+        "image": req.image if req.image is not None else settings.images.sgtm,
+        "container_config": _read_container_config(req),
+        "backup_schedule": req.backup_schedule if req.backup_schedule is not None else settings.schedules.backup,
+        "allow_wildcard": True if req.allow_wildcard is None else req.allow_wildcard,
+        "status": "active", "subnet": "10.0.0.0/28",
+    }
+    try:
+        parse_tenant(data, plans=settings.plans, allowed_registries=settings.images.allowed_registries,
+                     host_view=req.container_config is None)
+    except InvalidInput as e:
+        pairs += getattr(e, "errors", [(e.field, e.rule)])
+    if req.display_name is not None and (rule := _display_name_rule(req.display_name)):
+        pairs.append(("display_name", rule))
+    if pairs:
+        raise _invalid_request(pairs)
+
+
+def _invalid_request(pairs: list[tuple[str, str]]) -> InvalidInput:
+    """One InvalidInput naming every invalid field, in the order of the request's fields."""
+    from dn.models import field_rank, invalid_all
+
+    order = [f.name for f in fields(TenantRequest)]
+    return invalid_all(sorted(pairs, key=lambda p: field_rank(p[0], order)))
 
 
 def plan_create(settings: "Settings", conn: "Connection", req: TenantRequest,
@@ -366,8 +458,8 @@ def _first_subnet(host: HostBaseline) -> str:
 
 
 def _check_display_name(name: str) -> None:
-    if not 1 <= len(name) <= 200 or any(ord(c) < 32 for c in name):
-        raise InvalidInput("display_name", "must be 1-200 printable characters")
+    if rule := _display_name_rule(name):
+        raise InvalidInput("display_name", rule)
 
 
 def plan_update(settings: "Settings", conn: "Connection", req: TenantRequest) -> Plan:
@@ -440,6 +532,15 @@ def _policy_args(settings: "Settings") -> dict[str, Any]:
     return policy_pack_args(settings)
 
 
+def _provider_env(settings: "Settings", host: str) -> dict[str, str]:
+    """What the stack's provider processes need: dn's modules, and the host's SSH target as the
+    current configuration has it (they never connect with the pin recorded in the state)."""
+    from stacks import programs
+    from stacks.providers.common import host_env
+
+    return {**programs.provider_env(), **host_env(host, programs.ssh_target_data(settings.host(host)))}
+
+
 def tenant_stack(settings: "Settings", spec: TenantSpec, others: Sequence[TenantRecord],
                  environ: Mapping[str, str] | None = None, *, host: str):
     """The tenant's stack with its inline program (created on first use)."""
@@ -448,7 +549,7 @@ def tenant_stack(settings: "Settings", spec: TenantSpec, others: Sequence[Tenant
 
     program = programs.tenant_program(programs.tenant_inputs(
         settings, spec, [o.host_view(settings) for o in others], host, environ=environ))
-    return engine.stack(settings, spec.slug, program, environ=environ, extra_env=programs.provider_env())
+    return engine.stack(settings, spec.slug, program, environ=environ, extra_env=_provider_env(settings, host))
 
 
 def host_stack(settings: "Settings", host: HostBaseline, environ: Mapping[str, str] | None = None):
@@ -457,7 +558,22 @@ def host_stack(settings: "Settings", host: HostBaseline, environ: Mapping[str, s
 
     program = programs.host_program(programs.host_inputs(settings, host))
     return engine.stack(settings, host_stack_name(host.name), program, environ=environ,
-                        extra_env=programs.provider_env())
+                        extra_env=_provider_env(settings, host.name))
+
+
+def verify_host(settings: "Settings", name: str, verified: set[str] | None = None) -> None:
+    """Make sure host ``name`` is the host its pinned key says (one SSH handshake and login)
+    before anything acts on or reports about it: an unknown, changed or revoked key is a
+    HostKeyError (exit 3) naming the fingerprint the host presented and the fix. ``verified``
+    holds the hosts this run has already checked (each is checked once per run)."""
+    from dn import ssh
+
+    if verified is not None and name in verified:
+        return
+    with ssh.connect(settings.host(name)):
+        pass
+    if verified is not None:
+        verified.add(name)
 
 
 def _stack_config_keys(settings: "Settings", stack_name: str) -> set[str]:
@@ -605,6 +721,7 @@ def create(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
 
     settings = ctx.settings
     host_name = req.host or settings.default_host
+    check_create_request(settings, req)  # before any I/O: bad input is exit 2 even with the database down
     with connect(settings, "tenant create") as conn:
         plan = plan_create(settings, conn, req, lambda: docker_subnets(settings, host_name))
     plan.docker_backend = docker_backend(settings, ctx.environ)
@@ -636,6 +753,7 @@ def update(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
     from dn import audit
 
     settings = ctx.settings
+    check_update_request(settings, req)  # before any I/O
     with connect(settings, "tenant update") as conn:
         plan = plan_update(settings, conn, req)
     plan.docker_backend = docker_backend(settings, ctx.environ)
@@ -646,6 +764,7 @@ def update(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
     if dry_run:
         return plan, None
     with audit.privileged(ctx, "tenant update", req.audit_args(), tenant=plan.spec.slug, host=plan.host.name) as op:
+        verify_host(settings, plan.host.name)  # before the registry changes: an up with no diff contacts no host
         with connect(settings, "tenant update") as conn:
             plan = plan_update(settings, conn, req)
             op.args["changes_requested"] = sorted(plan.changes)
@@ -778,6 +897,7 @@ def destroy_stack(ctx: "Context", spec: TenantSpec, others: Sequence[TenantRecor
         with connect(settings, "destroy stack") as conn:
             rec = get_tenant(conn, spec.slug)
         host = rec.host if rec is not None else settings.default_host
+    verify_host(settings, host)  # the crypto-erase and every removal go to the host the current pin names
     st = tenant_stack(settings, spec, others, ctx.environ, host=host)
     return run_stack(settings, st, "destroy", on_event=on_event)
 
@@ -875,16 +995,21 @@ def stack_name(t: Target) -> str:
     return host_stack_name(t.name) if t.kind == "host" else t.name
 
 
-def up_targets(ctx: "Context", sel: list[Target], *, on_event: OnEvent | None = None) -> list[RunResult]:
-    """``pulumi up`` of each selected stack, each under its own lock and audit entry. Stops at
-    the first failure (the error names the stack; earlier stacks stay applied)."""
+def up_targets(ctx: "Context", sel: list[Target], *, on_event: OnEvent | None = None,
+               verified: set[str] | None = None) -> list[RunResult]:
+    """``pulumi up`` of each selected stack, each under its own lock and audit entry, its host's
+    pinned key verified first (``verify_host``; ``verified`` carries the run's checks across
+    calls). Stops at the first failure (the error names the stack; earlier stacks stay applied)."""
     from dn import audit
 
     settings = ctx.settings
+    verified = set() if verified is None else verified
     results = []
     for t in sel:
         kw = {"tenant": t.name, "host": t.host} if t.kind == "tenant" else {"host": t.host}
         with audit.privileged(ctx, "up", {"stack": stack_name(t)}, **kw) as op:
+            # even with nothing to change the engine would contact no host: verify it first
+            verify_host(settings, t.host, verified)
             with connect(settings, "up") as conn:
                 st = open_target(ctx, t, conn)
             if t.kind == "tenant":
@@ -906,10 +1031,13 @@ def preview_targets(ctx: "Context", sel: list[Target], *, on_event: OnEvent | No
     settings = ctx.settings
     out = pv.Preview()
     packs = [str(p) for p in _policy_args(settings)["policy_packs"]] if policy else []
+    verified: set[str] = set()
     for t in sel:
         name = stack_name(t)
         events: list[dict] = []
         error = None
+        # a preview is a report about the host: one whose key is not the pinned one stops it (exit 3)
+        verify_host(settings, t.host, verified)
         try:
             with connect(settings, "preview") as conn:
                 st = open_target(ctx, t, conn)
@@ -936,6 +1064,7 @@ def host_up(ctx: "Context", host_name: str | None = None, *, on_event: OnEvent |
     settings = ctx.settings
     host = _host_of(settings, host_name)
     with audit.privileged(ctx, "host up", {"host": host.name}, host=host.name) as op:
+        verify_host(settings, host.name)
         st = host_stack(settings, host, ctx.environ)
         r = run_stack(settings, st, "up", on_event=on_event)
         op.args["changes"] = r.changes
@@ -957,6 +1086,7 @@ def host_destroy(ctx: "Context", host_name: str | None = None, *, on_event: OnEv
         raise InvalidInput("host", f"tenants are still registered on {host.name}: {', '.join(left)}",
                            hint="destroy them first (`dn tenant destroy SLUG`)")
     with audit.privileged(ctx, "host destroy", {"host": host.name}, host=host.name) as op:
+        verify_host(settings, host.name)
         if not _stack_exists(settings, name):
             op.args["changes"] = {}
             return None
@@ -993,18 +1123,23 @@ def refresh_targets(ctx: "Context", sel: list[Target], *, preview_only: bool = F
 
     settings = ctx.settings
     drifts: list = []
+    verified: set[str] = set()
     for t in sel:
         name = stack_name(t)
         if not _stack_exists(settings, name):
+            # nothing to read back, but "no drift" is a statement about the host: verify it
+            verify_host(settings, t.host, verified)
             continue
         events: list[dict] = []
         if preview_only:
+            verify_host(settings, t.host, verified)
             with connect(settings, "refresh") as conn:
                 st = open_target(ctx, t, conn)
             run_stack(settings, st, "refresh-preview", on_event=on_event, events=events)
         else:
             kw = {"tenant": t.name, "host": t.host} if t.kind == "tenant" else {"host": t.host}
             with audit.privileged(ctx, "refresh", {"stack": name}, **kw) as op:
+                verify_host(settings, t.host, verified)
                 with connect(settings, "refresh") as conn:
                     st = open_target(ctx, t, conn)
                 run_stack(settings, st, "refresh", on_event=on_event, events=events)
