@@ -8,17 +8,22 @@ they are. An apply (``apply``, after ``read`` and the pure ``plan``):
    in the file nor on the host (``iptables-nft-restore --test`` does not notice one), and any
    baseline that would no longer accept a *new* SSH connection from the address dn is connected
    from (``$SSH_CONNECTION`` on the host; the rendered rules are evaluated for that packet);
-2. ``save``: ``iptables-save``/``ip6tables-save``, the snapshot a failure restores (if the rules
-   changed since the plan was made, nothing is done: plan again);
-3. ``arm``: the snapshot is written to the host and a detached timer there restores it after
-   ``deadman`` seconds unless dn disarms it: a connection lost in the middle of an apply still
-   ends with the previous rules;
+2. ``save``: ``iptables-save``/``ip6tables-save``, the snapshot a failure goes back to (if the
+   rules changed since the plan was made, nothing is done: plan again);
+3. ``arm``: an *undo* file per family is written to the host and a detached timer there loads it
+   after ``deadman`` seconds unless dn disarms it: a connection lost in the middle of an apply
+   still ends with the previous rules. The undo takes back only what this apply changes (its
+   own chains, its hooks, its tails, the policies it sets; ``dn.render.iptables.undo_text``) and
+   only if all of it is still exactly what this apply left: the file is a compare-and-swap that
+   ``iptables-restore`` refuses as a whole otherwise. The timer runs outside the host lock, so
+   another apply may have run meanwhile; its chains, and anything built on this apply's, stay;
 4. ``validate``: ``iptables-restore -w --test --noflush`` of each family's file;
 5. ``apply``: the real restore of each family;
 6. ``check``: the rules read back equal the rendered ones (hooks exactly once), and when the
    baseline changed, a fresh SSH connection still gets in;
-7. on failure in 4-6 the saved ``filter`` table of every family is restored exactly (a full
-   ``iptables-restore -w`` of that table) and compared with the snapshot;
+7. on failure in 4-6 what this apply changed goes back to the snapshot (the same scoped undo,
+   unconditional: dn holds the lock and has just read the rules) and is compared with it;
+   Docker's chains and other tenants' rules are left as they are now;
 8. ``disarm``.
 
 Callers hold the host's lock so that two applies never interleave (the shared dispatch chains
@@ -26,7 +31,6 @@ Callers hold the host's lock so that two applies never interleave (the shared di
 """
 from __future__ import annotations
 
-import copy
 import ipaddress
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -42,12 +46,15 @@ from dn.render.iptables import (
     TENANTS_IN,
     Ruleset,
     SavedTable,
+    apply_restore,
     combined_restore_text,
     format_rule,
     missing_chains,
     parse_save,
     render_baseline,
     render_tenant_rules,
+    undo_problems,
+    undo_text,
 )
 
 if TYPE_CHECKING:
@@ -57,13 +64,17 @@ if TYPE_CHECKING:
 FAMILIES = (4, 6)
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
-DEADMAN_S = 30.0  # the host restores the snapshot by itself this long after arming, unless disarmed
-# The host side of the dead-man switch: sleep, then restore each snapshot that still exists.
-# A constant script; the delay and the snapshot paths arrive as positional arguments.
+DEADMAN_S = 30.0  # the host undoes the apply by itself this long after arming, unless disarmed
+# The host side of the dead-man switch: sleep, then load each undo file that still exists (a
+# compare-and-swap: iptables-restore refuses it whole if what the apply left has changed), and
+# say which it did in the host's log. A constant script; the delay and the paths arrive as
+# positional arguments.
 DEADMAN_SCRIPT = (
     'exec </dev/null >/dev/null 2>&1; sleep "$1"; '
-    'if [ -e "$2" ]; then iptables-restore -w < "$2"; rm -f "$2"; fi; '
-    'if [ -e "$3" ]; then ip6tables-restore -w < "$3"; rm -f "$3"; fi'
+    'for f in "$2" "$3"; do [ -e "$f" ] || continue; '
+    'case "$f" in *.v6) r=ip6tables-restore;; *) r=iptables-restore;; esac; '
+    'if "$r" -w --noflush < "$f"; then m=undone; else m="not undone: changed since"; fi; rm -f "$f"; '
+    'logger -t dn-firewall-deadman "$f: $m" || true; done'
 )
 
 
@@ -292,29 +303,8 @@ def evaluate(table: SavedTable, pkt: Packet, chain: str = "INPUT") -> str:
 
 def simulate(rulesets: Sequence[Ruleset], current: Mapping[str, SavedTable]) -> SavedTable:
     """The filter table after applying ``rulesets`` (one family) to ``current``, as
-    ``Ruleset.restore_text`` would leave it."""
-    t = copy.deepcopy(current.get(TABLE, SavedTable()))
-    for rs in rulesets:
-        for chain, policy in rs.policies:
-            t.policies[chain] = policy
-        for chain, rules in rs.expected().items():
-            t.policies[chain] = None
-            t.rules[chain] = list(rules)
-        for chain in rs.ensure:
-            if chain not in t.policies:
-                t.policies[chain] = None
-                t.rules[chain] = []
-        missing = []
-        for hook in rs.hooks:
-            rules = t.rules.setdefault(hook.chain, [])
-            n = rules.count(hook.rule)
-            if n == 0:
-                missing.append(hook)
-            for _ in range(max(0, n - 1)):  # "-D" removes the first occurrences, keeping the last
-                rules.remove(hook.rule)
-        for hook in reversed(missing):
-            t.rules[hook.chain].insert(0, hook.rule)
-    return t
+    ``combined_restore_text`` would leave it."""
+    return apply_restore(current, combined_restore_text(rulesets, current))
 
 
 # --------------------------------------------------------------------------- plan (pure)
@@ -394,8 +384,9 @@ def removal_plan(rulesets: Sequence[Ruleset], state: FirewallState, *, name: str
         for chain in drop_shared:
             if chain not in now.policies:
                 continue
-            if now.chain(chain):
-                notes.append(f"kept: IPv{family} chain {chain} still holds {len(now.chain(chain))} tenant rule(s)")
+            left = _foreign_rules(now, chain, mine)
+            if left:
+                notes.append(f"kept: IPv{family} chain {chain} still holds {len(left)} tenant rule(s)")
                 continue
             lines.append(f"-X {chain}")
         lines.append("COMMIT")
@@ -404,6 +395,12 @@ def removal_plan(rulesets: Sequence[Ruleset], state: FirewallState, *, name: str
             restore.append((family, "\n".join(lines) + "\n"))
     return FirewallPlan(f"firewall {name} on {where}", tuple(changes), tuple(notes), tuple(restore),
                         state.basis(), open_input, tuple(rulesets), removing=True)
+
+
+def _foreign_rules(table: SavedTable, chain: str, rulesets: Sequence[Ruleset]) -> list:
+    """The rules of ``chain`` that are not ``rulesets``' own tails (e.g. tenants' hooks)."""
+    tails = {t.rule for r in rulesets for t in r.tails if t.chain == chain}
+    return [r for r in table.chain(chain) if r not in tails]
 
 
 # --------------------------------------------------------------------------- apply
@@ -417,13 +414,31 @@ def _restore(s: "Session", family: int, text: str, *, test: bool = False, noflus
         raise ApplyRefused(f"{s.where}: `{' '.join(argv)}` refused dn's IPv{family} rules (exit {r.rc}): {err}")
 
 
-def _rollback(s: "Session", snapshot: FirewallState, families: Sequence[int], cause: BaseException) -> None:
+def _owned(the_plan: "FirewallPlan", family: int) -> set[str]:
+    return {c for r in the_plan.rulesets if r.family == family for c in r.chains}
+
+
+def _left(snapshot: FirewallState, the_plan: "FirewallPlan") -> dict[int, SavedTable]:
+    """Per family, the filter table as the plan's restore leaves the snapshot."""
+    return {f: apply_restore(snapshot.tables.get(f, {}), text) for f, text in the_plan.restore}
+
+
+def _table(state: FirewallState, family: int) -> SavedTable:
+    return state.tables.get(family, {}).get(TABLE, SavedTable())
+
+
+def _rollback(s: "Session", snapshot: FirewallState, the_plan: "FirewallPlan", cause: BaseException) -> None:
     failed = []
-    for f in families:
+    left = _left(snapshot, the_plan)
+    for f in left:
         try:
-            _restore(s, f, snapshot.filter_text(f), noflush=False)
-            if normalized(s.run([SAVE[f]]).text) != normalized(snapshot.saved[f]):
-                failed.append(f"IPv{f}: the restored rules differ from the snapshot")
+            before, owned = _table(snapshot, f), _owned(the_plan, f)
+            live = parse_save(s.run([SAVE[f]]).text).get(TABLE, SavedTable())
+            _restore(s, f, undo_text(before, left[f], live, owned, cas=False))
+            now = parse_save(s.run([SAVE[f]]).text).get(TABLE, SavedTable())
+            problems = undo_problems(before, left[f], now, owned)
+            if problems:
+                failed.append(f"IPv{f}: the restored rules differ from the snapshot: " + "; ".join(problems))
         except DnError as e:
             failed.append(f"IPv{f}: {e}")
     if failed:
@@ -433,14 +448,16 @@ def _rollback(s: "Session", snapshot: FirewallState, families: Sequence[int], ca
                                    "dead-man timer was armed; check the host's console") from cause
 
 
-def _arm(s: "Session", host: HostBaseline, snapshot: FirewallState, families: Sequence[int],
+def _arm(s: "Session", host: HostBaseline, snapshot: FirewallState, the_plan: "FirewallPlan",
          deadman: float) -> list[str]:
     d = host.path(f"{host.data_dir.rstrip('/')}/firewall")
     s.mkdir_p(d, mode=0o700)
     tag = secrets.token_hex(4)
     paths = {f: f"{d}/rollback-{tag}.v{f}" for f in FAMILIES}
-    for f in families:
-        s.install_file(paths[f], snapshot.filter_text(f).encode(), mode=0o600, keep_previous=False)
+    families = [f for f, _ in the_plan.restore]
+    for f, left in _left(snapshot, the_plan).items():
+        undo = undo_text(_table(snapshot, f), left, left, _owned(the_plan, f), cas=True)
+        s.install_file(paths[f], undo.encode(), mode=0o600, keep_previous=False)
     s.run(["setsid", "-f", "sh", "-c", DEADMAN_SCRIPT, "dn-firewall-deadman", f"{deadman:g}",
            paths[4] if 4 in families else f"{d}/absent", paths[6] if 6 in families else f"{d}/absent"])
     return [paths[f] for f in families]
@@ -465,7 +482,6 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
     if refused:
         raise PolicyViolation(f"{s.where}: {the_plan.resource}: " + "; ".join(refused),
                               hint="fix the host's admin_sources or the rules; nothing was changed")
-    families = [f for f, _ in the_plan.restore]
     progress("save")
     snapshot = read(s, families=FAMILIES)
     if the_plan.empty:
@@ -474,7 +490,7 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
         raise OperationFailed(f"{s.where}: the firewall changed since {the_plan.resource} was planned; nothing was changed",
                               hint="plan again (rerun)")
     progress("arm")
-    armed = _arm(s, host, snapshot, families, deadman)
+    armed = _arm(s, host, snapshot, the_plan, deadman)
     try:
         progress("validate")
         for f, text in the_plan.restore:
@@ -493,7 +509,7 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
                 _check_admin(s, reconnect)
         except DnError as e:
             progress("rollback")
-            _rollback(s, snapshot, families, e)
+            _rollback(s, snapshot, the_plan, e)
             raise ApplyRefused(f"{e}; the previous rules were restored exactly", hint=e.hint) from e
     finally:
         if s.active:
@@ -578,7 +594,7 @@ def remove_baseline(session: "Session", host: HostBaseline, *, progress: Progres
     p = removal_plan(baseline_rulesets(host), state, name="baseline", where=session.where,
                      open_input=True, drop_shared=(TENANTS_IN, TENANTS_FWD))
     hooked = [f"IPv{f} {c}" for f in state.tables for c in (TENANTS_FWD, TENANTS_IN)
-              if state.tables[f].get(TABLE, SavedTable()).chain(c)]
+              if _foreign_rules(_table(state, f), c, baseline_rulesets(host))]
     if hooked:
         p = FirewallPlan(p.resource, p.changes, p.notes + (
             f"refused: tenant chains are still hooked in {', '.join(hooked)}: removing the baseline would "

@@ -7,18 +7,27 @@ Design (filter table):
   follow rebuild it. Docker's chains and anyone else's rules are left alone.
 - dn's chains are reached through **hooks**: single jump rules dn keeps exactly once at the top
   of a chain it does not own (``INPUT -j DN-INPUT``, ``DOCKER-USER -j DN-TENANTS-FWD``,
-  ``DN-TENANTS-FWD -i <bridge> -j DN-T-<H>``). Whether a hook must be inserted (missing) or
+  ``DN-TENANTS-FWD -i <bridge> -g DN-T-<H>``). Whether a hook must be inserted (missing) or
   deleted (duplicated) depends on the live ruleset, so ``Ruleset.restore_text(current)`` takes
   the parsed ``iptables-save`` output and emits ``-I``/``-D`` lines only as needed: applying twice
-  leaves every hook exactly once.
+  leaves every hook exactly once. Any other jump into a chain dn owns (an earlier form of a hook)
+  is deleted: dn's chains are entered through their hooks only.
+- **Tails** are the other way round: a rule dn keeps exactly once as the *last* rule of a chain
+  it does not own (the baseline's default drop at the end of ``DN-TENANTS-FWD``).
 - Shared dispatch chains (``DN-TENANTS-FWD``, ``DN-TENANTS-IN``) are **ensured**: created when
   missing, never flushed, because every tenant keeps its own hook in them.
 
 Host baseline (``render_baseline``), IPv4 and IPv6: INPUT (and FORWARD) policy DROP; ``DN-INPUT``
 accepts loopback, established/related, essential ICMP (rate-limited echo), tcp 80/443 from
 anywhere and SSH only from the admin sources. Traffic from tenant bridges (``dnt+``) to the host
-goes to ``DN-TENANTS-IN`` and is otherwise dropped. Tenant networks are IPv4-only: the IPv6
-ruleset drops everything to, from or through tenant bridges.
+goes to ``DN-TENANTS-IN`` and is otherwise dropped. Traffic forwarded from tenant bridges goes
+(``DOCKER-USER``, which Docker keeps first in ``FORWARD``, before its own ACCEPTs) to
+``DN-TENANTS-FWD``, whose tail drops everything from ``dnt+``: a tenant bridge is **closed by
+default**. Only a tenant's own hook (``-i <bridge> -g DN-T-<H>``, a *goto*: when the tenant's chain
+returns, evaluation continues in ``DOCKER-USER`` after the jump, past the tail) lets its allowed
+traffic on to Docker's rules. A bridge whose chain is not in place yet, or whose apply failed or
+was refused, or that belongs to no tenant at all, forwards nothing. Tenant networks are IPv4-only:
+the IPv6 ruleset drops everything to, from or through tenant bridges.
 
 Tenant (``render_tenant_rules``, IPv4): ``DN-T-<H>`` (entered for packets forwarded from the
 tenant's bridge) returns established traffic to Docker's rules, drops anything towards other
@@ -36,6 +45,7 @@ ICMP types, ``RELATED,ESTABLISHED``, quoted comments) so what dn renders compare
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from collections import Counter
@@ -85,6 +95,10 @@ BUILTIN_TARGETS = frozenset(
 )
 
 Rule = tuple[str, ...]
+# The baseline's default for tenant bridges: the last rule of DN-TENANTS-FWD. Tenants' hooks are
+# gotos, so a tenant's allowed traffic never comes back to it.
+TENANTS_DEFAULT_DROP: Rule = ("-i", f"{BRIDGE_PREFIX}+", "-m", "comment", "--comment", "dn:tenants-default-drop",
+                              "-j", "DROP")
 
 
 # --------------------------------------------------------------------------- iptables-save parsing
@@ -228,6 +242,14 @@ def format_rule(verb: str, chain: str, rule: Rule) -> str:
     return " ".join(parts)
 
 
+def rule_target(rule: Rule) -> str | None:
+    """The ``-j``/``-g`` target of a rule (iptables-save tokens after ``-A CHAIN``), if any."""
+    for i, tok in enumerate(rule[:-1]):
+        if tok in ("-j", "--jump", "-g", "--goto"):
+            return rule[i + 1]
+    return None
+
+
 @dataclass(frozen=True)
 class Hook:
     """A jump dn keeps exactly once at the top of a chain it does not own."""
@@ -247,6 +269,7 @@ class Ruleset:
     hooks: tuple[Hook, ...] = ()
     policies: tuple[tuple[str, str], ...] = ()  # built-in chain policies
     table: str = TABLE
+    tails: tuple[Hook, ...] = ()  # rules kept exactly once at the end of a chain dn does not own
 
     @property
     def save_command(self) -> str:
@@ -277,8 +300,23 @@ class Ruleset:
             if n == 0:
                 lines.append(format_rule("-I", hook.chain, ("1",) + hook.rule))
             lines += [format_rule("-D", hook.chain, hook.rule)] * max(0, n - 1)
+        lines += [format_rule("-D", chain, rule) for chain, rule in self.stale_jumps(now)]
+        for tail in self.tails:
+            rules = now.chain(tail.chain)
+            if rules.count(tail.rule) == 1 and rules[-1] == tail.rule:
+                continue
+            lines += [format_rule("-D", tail.chain, tail.rule)] * rules.count(tail.rule)
+            lines.append(format_rule("-A", tail.chain, tail.rule))
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
+
+    def stale_jumps(self, now: SavedTable) -> list[tuple[str, Rule]]:
+        """Rules outside this ruleset's chains that jump into one of them but are none of its
+        hooks (an earlier form of a hook, or a jump added by hand)."""
+        owned = set(self.chains)
+        hooks = {(h.chain, h.rule) for h in self.hooks}
+        return [(chain, rule) for chain, rules in now.rules.items() if chain not in owned for rule in rules
+                if rule_target(rule) in owned and (chain, rule) not in hooks]
 
     def removal_text(self, current: Mapping[str, SavedTable]) -> str:
         """The restore input that removes this ruleset's hooks and owned chains (shared chains
@@ -287,6 +325,9 @@ class Ruleset:
         lines = [f"*{self.table}"]
         for hook in self.hooks:
             lines += [format_rule("-D", hook.chain, hook.rule)] * now.count(hook.chain, hook.rule)
+        lines += [format_rule("-D", chain, rule) for chain, rule in self.stale_jumps(now)]
+        for tail in self.tails:
+            lines += [format_rule("-D", tail.chain, tail.rule)] * now.count(tail.chain, tail.rule)
         present = [c for c in self.chains if c in now.policies]
         lines += [f"-F {c}" for c in present]
         lines += [f"-X {c}" for c in present]
@@ -312,6 +353,14 @@ class Ruleset:
             n = now.count(hook.chain, hook.rule)
             if n != 1:
                 out.append(f"{hook.chain}: jump '{' '.join(hook.rule)}' present {n} times, expected once")
+        for chain, rule in self.stale_jumps(now):
+            out.append(f"{chain}: stray jump '{' '.join(rule)}' into dn's chain")
+        for tail in self.tails:
+            rules = now.chain(tail.chain)
+            n = rules.count(tail.rule)
+            if n != 1 or rules[-1] != tail.rule:
+                out.append(f"{tail.chain}: '{' '.join(tail.rule)}' present {n} times"
+                           + (", not last" if n and rules[-1] != tail.rule else "") + ", expected once as the last rule")
         return out
 
 
@@ -383,7 +432,8 @@ def _tenant_ruleset(tenant: TenantSpec, counts: Counter[str], others: list[str],
         rules=_parse_rendered(text),
         ensure=(TENANTS_FWD, TENANTS_IN),
         hooks=(
-            Hook(TENANTS_FWD, ("-i", tenant.bridge, "-j", tenant.chain_forward)),
+            # a goto: the tenant chain's RETURN resumes in DOCKER-USER, past DN-TENANTS-FWD's default drop
+            Hook(TENANTS_FWD, ("-i", tenant.bridge, "-g", tenant.chain_forward)),
             Hook(TENANTS_IN, ("-i", tenant.bridge, "-j", tenant.chain_input)),
         ),
     )
@@ -410,6 +460,7 @@ def render_baseline(host: HostBaseline) -> dict[int, Ruleset]:
                 ensure=(TENANTS_IN, TENANTS_FWD, DOCKER_USER),
                 hooks=(Hook("INPUT", ("-j", DN_INPUT)), Hook(DOCKER_USER, ("-j", TENANTS_FWD))),
                 policies=(("INPUT", "DROP"), ("FORWARD", "DROP")),
+                tails=(Hook(TENANTS_FWD, TENANTS_DEFAULT_DROP),),
             )
         else:
             out[6] = Ruleset(
@@ -451,3 +502,176 @@ def combined_restore_text(rulesets: Sequence[Ruleset], current: Mapping[str, Sav
                 decls.append(line)
     rules = [line for body in bodies for line in body if not line.startswith(":")]
     return "\n".join([f"*{rulesets[0].table}", *decls, *rules, "COMMIT"]) + "\n"
+
+
+# --------------------------------------------------------------------------- restore, simulated and undone
+
+
+def apply_restore(current: Mapping[str, SavedTable], text: str, table: str = TABLE) -> SavedTable:
+    """``table`` as ``iptables-restore --noflush`` of ``text`` would leave ``current`` (pure).
+
+    Lenient: a command the real restore would refuse (deleting a rule that is not there,
+    appending to a chain that does not exist) is carried out as far as it can be or skipped;
+    ``missing_chains`` and the host's own restore judge those."""
+    t = copy.deepcopy(current.get(table, SavedTable()))
+    builtin = BUILTIN_CHAINS.get(table, frozenset())
+    inside = ""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            inside = line[1:]
+            continue
+        if line == "COMMIT":
+            inside = ""
+            continue
+        if inside != table:
+            continue
+        if line.startswith(":"):
+            name, policy = (line[1:].split() + ["-"])[:2]
+            if name in builtin:
+                if policy != "-":
+                    t.policies[name] = policy
+                t.rules.setdefault(name, [])
+            else:
+                t.policies[name] = None
+                t.rules[name] = []
+            continue
+        toks = _tokens(line, n)
+        if len(toks) < 2:
+            continue
+        verb, chain, rule = toks[0], toks[1], tuple(toks[2:])
+        if verb in ("-A", "-I", "-N"):
+            t.policies.setdefault(chain, None)
+            rules = t.rules.setdefault(chain, [])
+            if verb == "-A":
+                rules.append(rule)
+            elif verb == "-I":
+                pos = int(rule[0]) - 1 if rule and rule[0].isdigit() else 0
+                rules.insert(max(0, pos), rule[1:] if rule and rule[0].isdigit() else rule)
+        elif verb == "-D" and rule in t.rules.get(chain, []):
+            t.rules[chain].remove(rule)  # the first occurrence, as iptables does
+        elif verb == "-F" and chain in t.rules:
+            t.rules[chain] = []
+        elif verb == "-X" and chain not in builtin:
+            t.policies.pop(chain, None)
+            t.rules.pop(chain, None)
+        elif verb == "-P" and rule:
+            t.policies[chain] = rule[0]
+    return t
+
+
+def changed_chains(before: SavedTable, after: SavedTable, owned: Iterable[str], table: str = TABLE
+                   ) -> tuple[list[str], list[str]]:
+    """(replaced, delta): the chains an apply changed, split by how an undo treats them.
+    *Replaced*: chains the apply rewrote whole (``owned``), created or deleted; they go back to
+    their earlier content. *Delta*: every other chain it changed (built-ins, Docker's, the shared
+    dispatch chains), where only the rules it added or deleted are taken back: other tenants'
+    hooks in the same chain are not its business."""
+    builtin = BUILTIN_CHAINS.get(table, frozenset())
+    owned = set(owned)
+    names = sorted(set(before.policies) | set(after.policies))
+    touched = [c for c in names if (c in before.policies) != (c in after.policies) or before.chain(c) != after.chain(c)]
+    replaced = [c for c in touched if c not in builtin and (c in owned or (c in before.policies) != (c in after.policies))]
+    return replaced, [c for c in touched if c not in replaced]
+
+
+def _jumps_into(t: SavedTable, target: str, skip: set[str]) -> list[tuple[str, Rule]]:
+    return [(c, r) for c, rules in t.rules.items() if c not in skip for r in rules if rule_target(r) == target]
+
+
+def undo_text(before: SavedTable, after: SavedTable, live: SavedTable, owned: Iterable[str], *, cas: bool,
+              table: str = TABLE) -> str:
+    """The ``iptables-restore --noflush`` input that takes back what one apply changed.
+
+    ``before``: the snapshot; ``after``: what the apply left (``apply_restore`` of its input on
+    the snapshot); ``live``: the table now; ``owned``: the chains the apply rewrote whole. Only
+    what ``changed_chains`` names is touched (and built-in policies the apply changed).
+
+    ``cas=True`` (the dead-man switch: unattended, after dn's connection is gone, outside the host
+    lock): a compare-and-swap. Every rule the apply left is deleted by its exact text and every
+    chain it rewrote is deleted (``-X`` refuses a chain that still holds a rule or is still jumped
+    to) before the snapshot's content goes back, and ``iptables-restore`` applies the file as one
+    transaction: if anything the apply left has changed since (a later apply rewrote it or built
+    on it, another tenant's hook landed in a chain it created), the file fails as a whole and
+    nothing is undone. ``live`` must then be ``after``. ``cas=False`` (dn's own rollback, under the
+    host lock, right after reading ``live``): the touched chains are brought back from whatever
+    they hold now.
+    """
+    builtin = BUILTIN_CHAINS.get(table, frozenset())
+    if cas:
+        live = after
+    replaced, delta = changed_chains(before, after, owned, table)
+    rset = set(replaced)
+
+    def exists(t: SavedTable, c: str) -> bool:
+        return c in t.policies
+
+    head = [f"*{table}"]
+    head += [f":{c} {before.policies[c]} [0:0]" for c in sorted(builtin)
+             if before.policies.get(c) and after.policies.get(c) != before.policies[c]]
+    drop: list[str] = []
+    add: list[str] = []
+    # 1. what the apply left goes: jumps into the rewritten chains, the rules it added elsewhere,
+    #    the rewritten chains themselves
+    for x in replaced:
+        if exists(live, x):
+            drop += [format_rule("-D", c, r) for c, r in _jumps_into(live, x, rset)]
+    for d in delta:
+        added = Counter(after.chain(d)) - Counter(before.chain(d))
+        for r in dict.fromkeys(after.chain(d)):
+            if rule_target(r) in rset:
+                continue  # handled with the chain it jumps into
+            k = added[r] if cas else min(added[r], live.count(d, r))
+            drop += [format_rule("-D", d, r)] * k
+    for x in replaced:
+        if exists(live, x):
+            drop += [format_rule("-D", x, r) for r in live.chain(x)] if cas else [f"-F {x}"]
+    drop += [f"-X {x}" for x in replaced if exists(live, x)]
+    # 2. what the snapshot held comes back
+    add += [f"-N {x}" for x in replaced if exists(before, x)]
+    for x in replaced:
+        add += [format_rule("-A", x, r) for r in before.chain(x)]
+    for d in delta:
+        rules = before.chain(d)
+        deleted = Counter(rules) - Counter(after.chain(d))
+        if not cas:
+            deleted = Counter({r: max(0, rules.count(r) - live.count(d, r)) for r in deleted})
+        marks = [False] * len(rules)
+        for i in reversed(range(len(rules))):
+            if deleted[rules[i]] > 0 and rule_target(rules[i]) not in rset:
+                marks[i] = True
+                deleted[rules[i]] -= 1
+        j = len(rules)
+        while j and marks[j - 1]:
+            j -= 1
+        # a rule from the end of the chain goes back at the end (a tail), any other at the top (a hook)
+        add += [format_rule("-I", d, ("1",) + rules[i]) for i in reversed(range(j)) if marks[i]]
+        add += [format_rule("-A", d, rules[i]) for i in range(j, len(rules))]
+    for x in replaced:
+        if exists(before, x):
+            add += [format_rule("-I", c, ("1",) + r) for c, r in reversed(_jumps_into(before, x, rset))]
+    return "\n".join([*head, *drop, *add, "COMMIT"]) + "\n"
+
+
+def undo_problems(before: SavedTable, after: SavedTable, now: SavedTable, owned: Iterable[str],
+                  table: str = TABLE) -> list[str]:
+    """How ``now`` differs from ``before`` in what the apply from ``before`` to ``after`` changed;
+    empty when an undo is complete."""
+    builtin = BUILTIN_CHAINS.get(table, frozenset())
+    replaced, delta = changed_chains(before, after, owned, table)
+    rset = set(replaced)
+    out = [f"{c}: policy {now.policies.get(c)}, expected {before.policies[c]}" for c in sorted(builtin)
+           if before.policies.get(c) and after.policies.get(c) != before.policies[c]
+           and now.policies.get(c) != before.policies[c]]
+    for x in replaced:
+        if (x in now.policies) != (x in before.policies) or now.chain(x) != before.chain(x):
+            out.append(f"{x}: not back to its earlier rules")
+        if Counter(_jumps_into(now, x, rset)) != Counter(_jumps_into(before, x, rset)):
+            out.append(f"jumps into {x}: not as before")
+    for d in delta:
+        for r in dict.fromkeys([*before.chain(d), *after.chain(d)]):
+            if rule_target(r) not in rset and before.count(d, r) != after.count(d, r) and now.count(d, r) != before.count(d, r):
+                out.append(f"{d}: '{' '.join(r)}' present {now.count(d, r)} times, expected {before.count(d, r)}")
+    return out

@@ -524,7 +524,7 @@ def structure_findings(v: TenantView, filt: SavedTable | None) -> tuple[list[str
             ev.append(f"{label}: container {_name(c)} attached only to {t.network} "
                       f"({nets[t.network] or 'no address'}), {'running' if running(c) else 'stopped'}")
     if filt is not None and v.registered:
-        fwd_hook = ("-i", t.bridge, "-j", t.chain_forward)
+        fwd_hook = ("-i", t.bridge, "-g", t.chain_forward)
         in_hook = ("-i", t.bridge, "-j", t.chain_input)
         missing = []
         if filt.count("DN-TENANTS-FWD", fwd_hook) != 1:

@@ -264,7 +264,7 @@ def test_removal_plans():
     st = state(v4="\n".join(lines) + "\n")
     rp = fw.removal_plan(rss, st, name="tenant acme")
     text = dict(rp.restore)[4]
-    assert f"-X {t.chain_forward}" in text and f"-D DN-TENANTS-FWD -i {t.bridge} -j {t.chain_forward}" in text
+    assert f"-X {t.chain_forward}" in text and f"-D DN-TENANTS-FWD -i {t.bridge} -g {t.chain_forward}" in text
     base = fw.removal_plan(fw.baseline_rulesets(HOST)[:1], st, name="baseline", open_input=True,
                            drop_shared=("DN-TENANTS-IN", "DN-TENANTS-FWD"))
     assert ":INPUT ACCEPT [0:0]" in dict(base.restore)[4]

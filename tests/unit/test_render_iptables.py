@@ -11,7 +11,9 @@ from dn.render.iptables import (
     BLOCKED_EGRESS_V4,
     Hook,
     Ruleset,
+    TENANTS_DEFAULT_DROP,
     SavedTable,
+    apply_restore,
     combined_restore_text,
     declared_chains,
     missing_chains,
@@ -20,6 +22,8 @@ from dn.render.iptables import (
     render_baseline,
     render_tenant_rules,
     render_tenants,
+    undo_problems,
+    undo_text,
 )
 
 
@@ -143,7 +147,7 @@ def test_tenant_chains_and_rules():
     accepted_ports = [r[r.index("--dport") + 1] for r in inp if "--dport" in r]
     assert accepted_ports == ["443"]  # no host_services given
     assert rs.hooks == (
-        Hook("DN-TENANTS-FWD", ("-i", t.bridge, "-j", t.chain_forward)),
+        Hook("DN-TENANTS-FWD", ("-i", t.bridge, "-g", t.chain_forward)),
         Hook("DN-TENANTS-IN", ("-i", t.bridge, "-j", t.chain_input)),
     )
     assert rs.ensure == ("DN-TENANTS-FWD", "DN-TENANTS-IN")
@@ -198,7 +202,7 @@ def test_restore_on_an_empty_host_creates_and_hooks():
     lines = _lines(text)
     assert lines[0] == "*filter" and lines[-1] == "COMMIT"
     assert f":{t.chain_forward} - [0:0]" in lines and ":DN-TENANTS-FWD - [0:0]" in lines
-    assert f"-I DN-TENANTS-FWD 1 -i {t.bridge} -j {t.chain_forward}" in lines
+    assert f"-I DN-TENANTS-FWD 1 -i {t.bridge} -g {t.chain_forward}" in lines
     assert f"-I DN-TENANTS-IN 1 -i {t.bridge} -j {t.chain_input}" in lines
     assert not missing_chains(text, {})
     # declarations come before any rule (iptables-restore needs the chains first)
@@ -240,7 +244,7 @@ def test_drift_reports_differences():
     assert rs.drift(_saved_from([rs])) == []
     missing_hook = _saved_from([rs], 0)
     assert rs.drift(missing_hook) == [
-        f"DN-TENANTS-FWD: jump '-i {t.bridge} -j {t.chain_forward}' present 0 times, expected once",
+        f"DN-TENANTS-FWD: jump '-i {t.bridge} -g {t.chain_forward}' present 0 times, expected once",
         f"DN-TENANTS-IN: jump '-i {t.bridge} -j {t.chain_input}' present 0 times, expected once",
     ]
     edited = _saved_from([rs])
@@ -253,7 +257,7 @@ def test_removal_deletes_hooks_then_chains():
     t = tenant()
     rs = render_tenant_rules(t, [t.bridge])
     lines = _lines(rs.removal_text(_saved_from([rs], 2)))
-    assert lines[1:3] == [f"-D DN-TENANTS-FWD -i {t.bridge} -j {t.chain_forward}"] * 2
+    assert lines[1:3] == [f"-D DN-TENANTS-FWD -i {t.bridge} -g {t.chain_forward}"] * 2
     assert lines[-3:] == [f"-X {t.chain_forward}", f"-X {t.chain_input}", "COMMIT"]
     assert _lines(rs.removal_text({})) == ["*filter", "COMMIT"]
 
@@ -319,3 +323,116 @@ def test_combined_restore_is_one_transaction_without_duplicate_declarations():
     assert not missing_chains(text, {})
     with pytest.raises(InvalidInput):
         combined_restore_text([render_baseline(HOST)[4], render_baseline(HOST)[6]], {})
+
+
+# --------------------------------------------------------------------------- closed by default
+
+
+def test_baseline_drops_tenant_bridges_last_in_the_forward_dispatch():
+    rs = render_baseline(HOST)[4]
+    assert rs.tails == (Hook("DN-TENANTS-FWD", TENANTS_DEFAULT_DROP),)
+    assert TENANTS_DEFAULT_DROP[:2] == ("-i", "dnt+") and TENANTS_DEFAULT_DROP[-2:] == ("-j", "DROP")
+    # appended once on an empty host, after the tenants' hooks when both are applied together
+    ts = [tenant("alpha", "10.210.0.0/28"), tenant("bravo", "10.210.0.16/28")]
+    text = combined_restore_text([rs, *render_tenants(ts, HOST)], {})
+    fwd = apply_restore({}, text).chain("DN-TENANTS-FWD")
+    assert fwd[-1] == TENANTS_DEFAULT_DROP and fwd.count(TENANTS_DEFAULT_DROP) == 1
+    assert {r[1] for r in fwd[:-1]} == {t.bridge for t in ts} and all(r[2] == "-g" for r in fwd[:-1])
+    assert rs.drift({"filter": apply_restore({}, text)}) == []
+
+
+@pytest.mark.parametrize("before, lines", [
+    ([], ["-A DN-TENANTS-FWD " + " ".join(TENANTS_DEFAULT_DROP).replace("dn:tenants-default-drop", '"dn:tenants-default-drop"')]),
+    ([TENANTS_DEFAULT_DROP], []),
+    ([TENANTS_DEFAULT_DROP, ("-i", "dntx", "-g", "DN-T-X")], ["-D", "-A"]),  # not last
+    ([TENANTS_DEFAULT_DROP, TENANTS_DEFAULT_DROP], ["-D", "-D", "-A"]),
+])
+def test_the_tail_ends_up_exactly_once_and_last(before, lines):
+    rs = render_baseline(HOST)[4]
+    current = parse_save(SAVED)
+    current["filter"].rules["DN-TENANTS-FWD"] = list(before)
+    text = rs.restore_text(current)
+    got = [x for x in _lines(text) if x.startswith(("-A DN-TENANTS-FWD", "-D DN-TENANTS-FWD"))]
+    assert [g.split()[0] for g in got] == [x.split()[0] for x in lines]
+    if lines and len(lines[0]) > 2:
+        assert got == lines
+    after = apply_restore(current, text).chain("DN-TENANTS-FWD")
+    assert after[-1] == TENANTS_DEFAULT_DROP and after.count(TENANTS_DEFAULT_DROP) == 1
+    assert (not [d for d in rs.drift(current) if d.startswith("DN-TENANTS-FWD")]) == (not lines)
+
+
+def test_an_earlier_form_of_a_hook_is_removed():
+    t = tenant()
+    rs = render_tenant_rules(t, [t.bridge])
+    current = _saved_from([rs])
+    legacy = ("-i", t.bridge, "-j", t.chain_forward)  # how dn hooked tenants before the default drop
+    current["filter"].rules["DN-TENANTS-FWD"].insert(0, legacy)
+    assert rs.drift(current) == [f"DN-TENANTS-FWD: stray jump '{' '.join(legacy)}' into dn's chain"]
+    assert f"-D DN-TENANTS-FWD {' '.join(legacy)}" in _lines(rs.restore_text(current))
+    assert f"-D DN-TENANTS-FWD {' '.join(legacy)}" in _lines(rs.removal_text(current))
+    assert rs.drift({"filter": apply_restore(current, rs.restore_text(current))}) == []
+
+
+# --------------------------------------------------------------------------- undo (the dead-man switch's file)
+
+
+def _applied(rulesets, current):
+    return apply_restore(current, combined_restore_text(rulesets, current))
+
+
+def test_undo_takes_back_only_what_the_apply_changed():
+    base = render_baseline(HOST)[4]
+    a, b = tenant("alpha", "10.210.0.0/28"), tenant("bravo", "10.210.0.16/28")
+    ra, rb = render_tenants([a], HOST)[0], render_tenants([b], HOST)[0]
+    s = _applied([base], parse_save(SAVED))
+    left = _applied([ra], {"filter": s})
+    undo = undo_text(s, left, left, ra.chains, cas=True)
+    assert apply_restore({"filter": left}, undo).rules == s.rules
+    # another tenant's apply meanwhile stays; only a's chains and hook go
+    later = _applied([rb], {"filter": left})
+    now = apply_restore({"filter": later}, undo)
+    assert a.chain_forward not in now.policies and a.chain_input not in now.policies
+    assert rb.drift({"filter": now}) == [] and base.drift({"filter": now}) == []
+    assert undo_problems(s, left, now, ra.chains) == []
+    # the undo file deletes by exact text and deletes a's chains: iptables-restore refuses it whole
+    # if a's chains are not what the apply left
+    lines = _lines(undo)
+    assert f"-X {a.chain_forward}" in lines and f"-D DN-TENANTS-FWD -i {a.bridge} -g {a.chain_forward}" in lines
+    assert all(x.startswith(("*", "-D ", "-X ", "COMMIT")) for x in lines)
+
+
+def test_undo_of_a_rewrite_puts_the_earlier_rules_back_in_order():
+    base = render_baseline(HOST)[4]
+    s = parse_save(SAVED)["filter"]
+    left = _applied([base], {"filter": s})
+    undo = undo_text(s, left, left, base.chains, cas=True)
+    back = apply_restore({"filter": left}, undo)
+    assert back.rules["DN-INPUT"] == s.rules["DN-INPUT"] and back.chain("INPUT") == s.chain("INPUT")
+    assert back.chain("DOCKER-USER") == s.chain("DOCKER-USER") and back.chain("DN-TENANTS-FWD") == []
+    assert undo_problems(s, left, back, base.chains) == []
+    lines = _lines(undo)
+    assert lines.index(f"-X DN-INPUT") < lines.index("-N DN-INPUT")
+    assert "-D DN-TENANTS-FWD " + " ".join(TENANTS_DEFAULT_DROP).replace("dn:tenants-default-drop", '"dn:tenants-default-drop"') in lines
+
+
+def test_an_unconditional_undo_works_from_what_is_there_now():
+    t = tenant()
+    rs = render_tenant_rules(t, [t.bridge])
+    s = _applied([render_baseline(HOST)[4]], parse_save(SAVED))
+    left = _applied([rs], {"filter": s})
+    now = apply_restore({"filter": left}, f"*filter\n-I {t.chain_input} 1 -p tcp --dport 7 -j ACCEPT\nCOMMIT\n")
+    assert undo_problems(s, left, now, rs.chains)
+    back = apply_restore({"filter": now}, undo_text(s, left, now, rs.chains, cas=False))
+    assert back.rules == s.rules and undo_problems(s, left, back, rs.chains) == []
+
+
+def test_undo_of_a_removal_recreates_the_chains_and_hooks():
+    t = tenant()
+    rs = render_tenant_rules(t, [t.bridge])
+    s = _applied([render_baseline(HOST)[4], rs], parse_save(SAVED))
+    left = apply_restore({"filter": s}, rs.removal_text({"filter": s}))
+    assert t.chain_forward not in left.policies
+    undo = undo_text(s, left, left, rs.chains, cas=True)
+    back = apply_restore({"filter": left}, undo)
+    assert rs.drift({"filter": back}) == [] and back.chain("DN-TENANTS-FWD")[-1] == TENANTS_DEFAULT_DROP
+    assert f"-N {t.chain_forward}" in _lines(undo)  # refused whole if the chain was made again meanwhile
