@@ -82,12 +82,15 @@ def write_known_hosts(settings: "Settings", host_name: str) -> Path:
     known_text = Path(h.known_hosts).read_text() if h.known_hosts and Path(h.known_hosts).exists() else None
     pinned = ssh.pinned_keys_for(h.address, h.port, h.host_key, known_text,
                                  str(h.known_hosts) if h.known_hosts else None)
-    if not pinned.keys:
+    trusted = [k for k in pinned.keys if k not in pinned.revoked]
+    if not trusted:
         from dn.errors import HostKeyError
 
-        raise HostKeyError(f"host {host_name}: no host key is pinned for {name}",
+        raise HostKeyError(f"host {host_name}: no host key is pinned for {name} (or every pinned one is @revoked)",
                            hint="set hosts.<name>.host_key or known_hosts: dn never learns a host key by connecting")
-    lines = "".join(f"{name} {k.openssh()}\n" for k in pinned.keys)
+    # @revoked lines too: OpenSSH then refuses a revoked key even where another source pins it
+    lines = "".join(f"{name} {k.openssh()}\n" for k in trusted)
+    lines += "".join(f"@revoked {name} {k.openssh()}\n" for k in pinned.revoked)
     path = known_hosts_path(Path(settings.data_dir), host_name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists() or path.read_text() != lines:
@@ -189,15 +192,31 @@ def tenant_program(inputs: TenantInputs) -> Callable[[], None]:
     return program
 
 
-def tenant_host_resources(parent, args) -> dict[str, Any]:
-    """The tenant's host resources as children of its component (``parent``, a
-    ``stacks.tenant.Tenant`` whose network and containers exist): firewall chains after the
-    network whose bridge they match, the vhost after the containers it proxies to, the LUKS
-    volume with its key as a secret, the backup timer."""
+def tenant_firewall(parent, args) -> Any:
+    """The tenant's firewall chains, a child of its component (``parent``), declared before the
+    network and the containers, which depend on it: the chains are in place before any container
+    of the tenant starts (they match the bridge by name, which need not exist yet). Until then,
+    and if their apply fails, the baseline's default drop for tenant bridges holds."""
     import pulumi
 
     from dn.preview import resource_name
     from stacks.providers.firewall import TenantFirewall
+
+    spec = args.spec
+    return TenantFirewall(
+        resource_name(spec.slug, "firewall"), ssh=args.ssh, host=args.host.model_dump(mode="json"),
+        tenant=host_view_data(spec), other_bridges=list(args.other_bridges),
+        opts=pulumi.ResourceOptions(parent=parent))
+
+
+def tenant_host_resources(parent, args) -> dict[str, Any]:
+    """The tenant's host resources as children of its component (``parent``, a
+    ``stacks.tenant.Tenant`` whose firewall, network and containers exist): the firewall chains
+    (``tenant_firewall``, made first), the vhost after the containers it proxies to, the LUKS
+    volume with its key as a secret, the backup timer."""
+    import pulumi
+
+    from dn.preview import resource_name
     from stacks.providers.luks import LuksVolume
     from stacks.providers.nginx import NginxVhost
     from stacks.providers.timers import SystemdTimer
@@ -208,10 +227,7 @@ def tenant_host_resources(parent, args) -> dict[str, Any]:
     child = pulumi.ResourceOptions(parent=parent)
     servers = [c for c in (parent.tagging, parent.preview) if c is not None]
     return {
-        "firewall": TenantFirewall(
-            resource_name(spec.slug, "firewall"), ssh=args.ssh, host=host, tenant=tenant,
-            other_bridges=list(args.other_bridges),
-            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[parent.network]))),
+        "firewall": parent.firewall,
         "vhost": NginxVhost(
             resource_name(spec.slug, "nginx-vhost"), ssh=args.ssh, host=host, tenant=tenant,
             opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=servers))),

@@ -17,7 +17,8 @@ child (Pulumi name)          promise
                              on /healthz, attached only to the tenant network; CONTAINER_CONFIG
                              is a Pulumi secret
 ``<slug>-firewall``          the tenant's iptables chains (isolation from other tenants and host
-                             services); after the network, whose bridge it matches
+                             services); before the network and the containers, which depend on
+                             it (until it is in place the baseline drops the bridge's traffic)
 ``<slug>-nginx-vhost``       TLS 1.2/1.3, HSTS, rate limits per IP and per tenant
 ``<slug>-luks-volume``       LUKS2 aes-xts-plain64 with a 512-bit key; the key is a Pulumi secret
 ``<slug>-backup-timer``      the daily backup of the tenant (30-day retention)
@@ -125,6 +126,12 @@ class Tenant(pulumi.ComponentResource):
     def __init__(self, args: TenantArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         spec = args.spec
         super().__init__(TYPE, spec.slug, None, opts)
+        if args.docker_backend not in ("dn-ssh", "pulumi-docker"):
+            raise ValueError(f"docker_backend {args.docker_backend!r}: pulumi-docker or dn-ssh")
+        from stacks.programs import tenant_firewall
+
+        # first: no container of the tenant may start before its chains exist
+        self.firewall = tenant_firewall(self, args)
         if args.docker_backend == "dn-ssh":
             self._dn_ssh(args)
         elif args.docker_backend == "pulumi-docker":
@@ -151,7 +158,7 @@ class Tenant(pulumi.ComponentResource):
         self.provider = None
         self.network, containers = tenant_docker(
             spec, args.ssh, args.container_config, name=lambda suffix: resource_name(spec.slug, suffix),
-            health_test=health_test(spec.image), opts=pulumi.ResourceOptions(parent=self),
+            health_test=health_test(spec.image), opts=pulumi.ResourceOptions(parent=self, depends_on=[self.firewall]),
         )
         self.tagging = containers[0]
         self.preview = containers[1] if len(containers) > 1 else None
@@ -167,7 +174,7 @@ class Tenant(pulumi.ComponentResource):
             ssh_opts=args.docker.ssh_opts(),
             opts=pulumi.ResourceOptions(parent=self),
         )
-        on_host = pulumi.ResourceOptions(parent=self, provider=self.provider)
+        on_host = pulumi.ResourceOptions(parent=self, provider=self.provider, depends_on=[self.firewall])
         self.network = docker.Network(
             name("network"),
             name=spec.network,

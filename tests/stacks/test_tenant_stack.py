@@ -306,7 +306,10 @@ def test_host_resources_carry_the_tenant_and_host(deployed, settings):
             assert r.inputs["ssh"] == programs.ssh_target_data(settings.host())
             assert "container_config" not in r.inputs["tenant"]
         fw = rec.by_name(f"{slug}-firewall")
-        assert rec.by_name(f"{slug}-network").urn in fw.dependencies
+        # the chains exist before the network and before any container starts (both backends)
+        assert not fw.dependencies
+        for first in [f"{slug}-network", f"{slug}-tagging"] + ([f"{slug}-preview"] if spec.preview else []):
+            assert fw.urn in rec.by_name(first).dependencies, first
         vhost = rec.by_name(f"{slug}-nginx-vhost")
         assert rec.by_name(f"{slug}-tagging").urn in vhost.dependencies
         timer = rec.by_name(f"{slug}-backup-timer")
