@@ -14,6 +14,7 @@ they are made once by a role that may create roles (a superuser or CREATEROLE) â
 - ``dn_audit_owner`` owns the audit tables; nobody logs in as it. The owner role is a member so
   that migrations can build the audit schema.
 - ``dn_app`` carries the day-to-day grants; the login role of ``database.dsn`` is a member.
+- ``dn_preview`` may only read the tenant registry: CI's pull-request preview logs in as a member.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ SCHEMA_DIR = Path(__file__).with_name("schema")
 MIGRATION_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 AUDIT_OWNER = "dn_audit_owner"
 APP_ROLE = "dn_app"
+PREVIEW_ROLE = "dn_preview"  # read-only: CI's pull-request preview (schema/007_preview_role.sql)
 # Session advisory lock held while migrating, so two `dn db init` never interleave.
 MIGRATE_LOCK = int.from_bytes(b"dn:schem", "big")
 CONNECT_TIMEOUT = 10
@@ -242,7 +244,7 @@ def role_setup_sql(owner: str, app_login: str) -> list[sql.Composed]:
         if not ROLE_NAME_RE.match(name):
             raise InvalidInput(field, f"role {name!r} must match {ROLE_NAME_RE.pattern} for dn to set up its grants")
     stmts = []
-    for role in (AUDIT_OWNER, APP_ROLE):
+    for role in (AUDIT_OWNER, APP_ROLE, PREVIEW_ROLE):
         stmts.append(sql.SQL(
             "DO $$BEGIN"
             " IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN CREATE ROLE {ident} NOLOGIN;"
@@ -260,19 +262,22 @@ def _roles_missing(conn: psycopg.Connection, owner: str, app_login: str) -> list
         SELECT
           EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(ao)s AND NOT rolcanlogin) AS audit_owner,
           EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(app)s AND NOT rolcanlogin) AS app,
+          EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(preview)s AND NOT rolcanlogin) AS preview,
           EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(login)s) AS login,
           (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(ao)s)
              AND pg_has_role(%(owner)s, %(ao)s, 'MEMBER')) AS owner_member,
           (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(app)s)
              AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(login)s)
              AND pg_has_role(%(login)s, %(app)s, 'MEMBER')) AS login_member
-        """, {"ao": AUDIT_OWNER, "app": APP_ROLE, "login": app_login, "owner": owner})
+        """, {"ao": AUDIT_OWNER, "app": APP_ROLE, "preview": PREVIEW_ROLE, "login": app_login, "owner": owner})
     assert r is not None
     missing = []
     if not r["audit_owner"]:
         missing.append(f"NOLOGIN role {AUDIT_OWNER}")
     if not r["app"]:
         missing.append(f"NOLOGIN role {APP_ROLE}")
+    if not r["preview"]:
+        missing.append(f"NOLOGIN role {PREVIEW_ROLE}")
     if not r["login"]:
         missing.append(f"login role {app_login}")
     if not r["owner_member"]:
@@ -291,7 +296,7 @@ def bootstrap_roles(dsn: str, passfile: Path | None, *, owner: str, app_login: s
 
 def _roles_hint(owner: str, app_login: str) -> str:
     return ("as a PostgreSQL superuser run once: "
-            f"CREATE ROLE {AUDIT_OWNER} NOLOGIN; CREATE ROLE {APP_ROLE} NOLOGIN; "
+            f"CREATE ROLE {AUDIT_OWNER} NOLOGIN; CREATE ROLE {APP_ROLE} NOLOGIN; CREATE ROLE {PREVIEW_ROLE} NOLOGIN; "
             f"GRANT {AUDIT_OWNER} TO {owner}; GRANT {APP_ROLE} TO {app_login}; "
             "or rerun with `dn db init --bootstrap-dsn postgresql://SUPERUSER@host:port/db`")
 
