@@ -28,6 +28,14 @@ CLAIMS: tuple[Claim, ...] = (
           "iptables chains and hooks, and connections attempted from each tenant container's network namespace "
           "to every other sGTM container and to the host's services",
           network.check_tenant_isolation),
+    Claim("net.tenant-default-closed",
+          "Per-tenant Docker network namespaces + iptables; No access between sGTM containers",
+          "iptables-save, IPv4 and IPv6: traffic from a tenant bridge (dnt+) is dropped unless that tenant's own "
+          "chain lets it through: FORWARD enters DOCKER-USER and DOCKER-USER enters DN-TENANTS-FWD before any "
+          "accept, DN-TENANTS-FWD holds only per-bridge gotos and ends in the drop for dnt+, DN-INPUT drops dnt+ "
+          "after DN-TENANTS-IN, IPv6 drops dnt+; so a new tenant's bridge, before its chain exists or after its "
+          "apply failed, reaches nothing",
+          network.check_tenant_default_closed),
     Claim("nginx.rate-limits",
           "Nginx reverse proxy with rate-limiting per IP and per tenant",
           "nginx -T: every location that proxies has a per-IP limit_req ($binary_remote_addr zone), a "
