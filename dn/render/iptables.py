@@ -613,11 +613,19 @@ def undo_text(before: SavedTable, after: SavedTable, live: SavedTable, owned: It
              if before.policies.get(c) and after.policies.get(c) != before.policies[c]]
     drop: list[str] = []
     add: list[str] = []
+    # Without the compare-and-swap, a chain that is there and was there is rewritten in place
+    # (flushed, refilled), so the jumps into it keep their places; with it, it is deleted (the
+    # check) and made again, and the jumps into it go back at the top, where dn keeps its hooks.
+    in_place = {x for x in replaced if not cas and exists(live, x) and exists(before, x)}
+    remade = [x for x in replaced if x not in in_place]
     # 1. what the apply left goes: jumps into the rewritten chains, the rules it added elsewhere,
     #    the rewritten chains themselves
-    for x in replaced:
+    for x in remade:
         if exists(live, x):
             drop += [format_rule("-D", c, r) for c, r in _jumps_into(live, x, rset)]
+    for x in sorted(in_place):
+        extra = Counter(_jumps_into(live, x, rset)) - Counter(_jumps_into(before, x, rset))
+        drop += [format_rule("-D", c, r) for (c, r), k in extra.items() for _ in range(k)]
     for d in delta:
         added = Counter(after.chain(d)) - Counter(before.chain(d))
         for r in dict.fromkeys(after.chain(d)):
@@ -628,9 +636,9 @@ def undo_text(before: SavedTable, after: SavedTable, live: SavedTable, owned: It
     for x in replaced:
         if exists(live, x):
             drop += [format_rule("-D", x, r) for r in live.chain(x)] if cas else [f"-F {x}"]
-    drop += [f"-X {x}" for x in replaced if exists(live, x)]
+    drop += [f"-X {x}" for x in remade if exists(live, x)]
     # 2. what the snapshot held comes back
-    add += [f"-N {x}" for x in replaced if exists(before, x)]
+    add += [f"-N {x}" for x in remade if exists(before, x)]
     for x in replaced:
         add += [format_rule("-A", x, r) for r in before.chain(x)]
     for d in delta:
@@ -649,9 +657,12 @@ def undo_text(before: SavedTable, after: SavedTable, live: SavedTable, owned: It
         # a rule from the end of the chain goes back at the end (a tail), any other at the top (a hook)
         add += [format_rule("-I", d, ("1",) + rules[i]) for i in reversed(range(j)) if marks[i]]
         add += [format_rule("-A", d, rules[i]) for i in range(j, len(rules))]
-    for x in replaced:
+    for x in remade:
         if exists(before, x):
             add += [format_rule("-I", c, ("1",) + r) for c, r in reversed(_jumps_into(before, x, rset))]
+    for x in sorted(in_place):
+        missing = Counter(_jumps_into(before, x, rset)) - Counter(_jumps_into(live, x, rset))
+        add += [format_rule("-I", c, ("1",) + r) for (c, r), k in missing.items() for _ in range(k)]
     return "\n".join([*head, *drop, *add, "COMMIT"]) + "\n"
 
 

@@ -27,7 +27,7 @@ from dn.errors import ExitCode, PolicyViolation
 from dn.host import firewall as fw
 from dn.host.plan import ApplyRefused
 from dn.models import HostBaseline, TenantSpec
-from dn.render.iptables import DN_INPUT, DOCKER_USER, TENANTS_FWD, TENANTS_IN, parse_save
+from dn.render.iptables import DN_INPUT, DOCKER_USER, TENANTS_DEFAULT_DROP, TENANTS_FWD, TENANTS_IN, parse_save
 from tests.integration.test_nginx_apply import EU1, Tenants, tenant
 
 pytestmark = pytest.mark.sandbox
@@ -91,8 +91,9 @@ def test_baseline_and_tenant_chains_are_in_place_and_applying_twice_adds_nothing
     assert v4.count("INPUT", ("-j", DN_INPUT)) == 1 and v6.count("INPUT", ("-j", DN_INPUT)) == 1
     assert v4.count(DOCKER_USER, ("-j", TENANTS_FWD)) == 1
     for t in (fw_env.a, fw_env.b):
-        assert v4.count(TENANTS_FWD, ("-i", t.bridge, "-j", t.chain_forward)) == 1
+        assert v4.count(TENANTS_FWD, ("-i", t.bridge, "-g", t.chain_forward)) == 1
         assert v4.count(TENANTS_IN, ("-i", t.bridge, "-j", t.chain_input)) == 1
+    assert v4.chain(TENANTS_FWD)[-1] == TENANTS_DEFAULT_DROP and v4.count(TENANTS_FWD, TENANTS_DEFAULT_DROP) == 1
     assert any("DOCKER" in c and c != DOCKER_USER for c in v4.policies)  # Docker's own chains untouched
     before = rules_now(sandbox)
     with ssh.connect(sandbox.host) as s:
@@ -246,7 +247,7 @@ def test_removal_of_tenants_then_baseline(fw_env, sandbox):
         assert not fw.remove_tenant(s, host, b).empty
         v4 = parse_save(save(sandbox, 4))["filter"]
         assert b.chain_forward not in v4.policies and b.chain_input not in v4.policies
-        assert a.chain_forward in v4.policies and v4.count(TENANTS_FWD, ("-i", a.bridge, "-j", a.chain_forward)) == 1
+        assert a.chain_forward in v4.policies and v4.count(TENANTS_FWD, ("-i", a.bridge, "-g", a.chain_forward)) == 1
         assert fw.remove_tenant(s, host, b).empty
         fw.remove_tenant(s, host, a)
         if foreign_tenants(sandbox, (a, b)):

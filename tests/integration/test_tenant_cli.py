@@ -228,7 +228,7 @@ def test_tenant_lifecycle_on_the_sandbox_host(lifecycle, sandbox):
     status, headers = https_get(DOMAIN)
     assert status == 200 and headers["strict-transport-security"].startswith("max-age=63072000")
     v4 = sandbox.ns_exec(["iptables-save", "-t", "filter"]).stdout.decode()
-    assert f"-A DN-TENANTS-FWD -i dnt{h} -j DN-T-{h.upper()}" in v4
+    assert f"-A DN-TENANTS-FWD -i dnt{h} -g DN-T-{h.upper()}" in v4
     assert sandbox.ns_exec(["cryptsetup", "isLuks", host.path(f"/var/lib/dn/volumes/{SLUG}.luks")],
                            check=False).returncode == 0
     assert Path(host.path(f"/etc/systemd/system/dn-backup-{SLUG}.timer")).is_file()

@@ -416,9 +416,10 @@ def test_undo_of_a_rewrite_puts_the_earlier_rules_back_in_order():
 
 
 def test_an_unconditional_undo_works_from_what_is_there_now():
-    t = tenant()
-    rs = render_tenant_rules(t, [t.bridge])
-    s = _applied([render_baseline(HOST)[4]], parse_save(SAVED))
+    t, other = tenant(), tenant("bravo", "10.210.0.16/28")
+    s = _applied([render_baseline(HOST)[4], render_tenant_rules(t, [t.bridge])], parse_save(SAVED))
+    s = _applied([render_tenant_rules(other, [other.bridge])], {"filter": s})  # its hooks come first now
+    rs = render_tenant_rules(t, [t.bridge], host_services=["tcp/9999"])  # a change of t's chains
     left = _applied([rs], {"filter": s})
     now = apply_restore({"filter": left}, f"*filter\n-I {t.chain_input} 1 -p tcp --dport 7 -j ACCEPT\nCOMMIT\n")
     assert undo_problems(s, left, now, rs.chains)
