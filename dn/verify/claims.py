@@ -7,6 +7,7 @@ anyone reading it depend on them.
 from __future__ import annotations
 
 from dn.verify import auditlog, backups, data, network, nginx, storage
+from dn.verify import access
 from dn.verify.core import Claim
 
 CLAIMS: tuple[Claim, ...] = (
@@ -21,6 +22,13 @@ CLAIMS: tuple[Claim, ...] = (
           "every firewall rule that accepts SSH must be limited to the configured admin sources "
           "(hosts.<name>.admin_sources), IPv4 and IPv6",
           network.check_admin_ssh),
+    Claim("access.ci-preview-read-only",
+          "who has access to the production systems? … Only the founder",
+          "the database catalogue: the CI preview's role dn_preview (what a pull request's preview holds) is "
+          "NOLOGIN, may write no relation, read only the tenant registry (tenants, tenant_settings) and execute "
+          "no SECURITY DEFINER function; no role that is it or a member of it is a superuser, may create roles or "
+          "bypass row security, or is a member of any other role",
+          access.check_preview_read_only),
     Claim("net.tenant-isolation",
           "Per-tenant Docker network namespaces + iptables; No access between sGTM containers",
           "docker network inspect (own bridge network per tenant, enable_icc=false), docker inspect (each sGTM "

@@ -93,3 +93,39 @@ def test_preview_role_may_write_nothing_and_read_only_the_registry(pg_super):
         "SELECT rolcanlogin, pg_has_role(%s, %s, 'MEMBER') FROM pg_roles WHERE rolname = %s",
         (role, db.APP_ROLE, role)).fetchone()
     assert login is False and member_of_app is False
+
+
+def _verify(settings):
+    from dn.verify.access import check_preview_read_only
+    from dn.verify.probe import Probe
+
+    with Probe(settings) as probe:
+        return check_preview_read_only(probe)
+
+
+def test_verify_shows_the_preview_identity_read_only_and_fails_a_widened_one(pg_super, dn_settings, preview_login):
+    from dn.verify.core import Status
+
+    role, _ = preview_login
+    status, ev = _verify(dn_settings)
+    assert status is Status.PASS, ev
+    assert "dn_preview: reads tenant_settings, tenants; writes nothing" in ev[0]
+    assert ev[1] == f"1 login role of the CI preview: {role}"
+    widenings = [
+        ("GRANT INSERT ON tenants TO dn_preview", "REVOKE INSERT ON tenants FROM dn_preview",
+         "dn_preview may write tenants"),
+        ("GRANT SELECT (password_hash) ON users TO dn_preview", "REVOKE SELECT (password_hash) ON users FROM dn_preview",
+         "dn_preview may read users"),
+        (f"GRANT dn_app TO {role}", f"REVOKE dn_app FROM {role}",
+         f"{role} (a preview identity) is also a member of dn_app"),
+    ]
+    for grant, revoke, expected in widenings:
+        with _cluster_lock():
+            pg_super.execute(grant)
+        try:
+            status, ev = _verify(dn_settings)
+            assert status is Status.FAIL and any(line.startswith(expected) for line in ev), (grant, ev)
+        finally:
+            with _cluster_lock():
+                pg_super.execute(revoke)
+    assert _verify(dn_settings)[0] is Status.PASS
