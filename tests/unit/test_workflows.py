@@ -136,6 +136,9 @@ def problems(name: str, wf: dict) -> list[str]:
         elif pr and _writes(perms) and any(not str(s.get("uses", "")).startswith("actions/download-artifact@")
                                            and "uses" in s for s in job.get("steps") or []):
             out.append(f"{where}: holds a write token and runs an action other than download-artifact")
+        if pr and _has_secret(job) and env_name not in APPROVAL_ENVIRONMENTS:
+            out.append(f"{where}: a workflow a pull request triggers (its own file, then) uses secrets only behind "
+                       f"an approval environment ({sorted(APPROVAL_ENVIRONMENTS)}), never {env_name!r}")
         if labels & PERSISTENT_LABELS:
             if events - TRUSTED_EVENTS:
                 out.append(f"{where}: a persistent runner runs only scheduled or manual workflows, "
@@ -245,6 +248,23 @@ jobs:
     assert "pull_request_target runs with the base's secrets" in found
     assert "step 0 has a secret outside its env" in found
     assert "uses secrets outside an environment" in found
+
+
+def test_the_rules_refuse_production_secrets_in_a_pull_request_workflow():
+    wf = yaml.safe_load("""
+on: pull_request
+permissions: {}
+jobs:
+  deploy:
+    environment: production
+    runs-on: ubuntu-24.04
+    permissions: {}
+    steps:
+      - env: {KEY: "${{ secrets.DN_SSH_KEY }}"}
+        run: echo "$KEY" | wc -c
+""")
+    found = "\n".join(problems("pr-prod.yml", wf))
+    assert "uses secrets only behind an approval environment (['preview']), never 'production'" in found
 
 
 def test_the_rules_accept_a_secret_free_pull_request_check():
