@@ -25,9 +25,10 @@ def up(
     with tenants.connect(c.settings, "up") as conn:
         sel = tenants.targets(c.settings, conn, tenant=tenant, host=host, all_=all_)
     results = []
+    verified: set[str] = set()  # each host's pinned key is checked once per run
     for t in sel:
         name = tenants.stack_name(t)
-        results += tenants.up_targets(c, [t], on_event=progress(c, name))
+        results += tenants.up_targets(c, [t], on_event=progress(c, name), verified=verified)
         r = results[-1]
         if not json:
             nums = ", ".join(f"{k} {v}" for k, v in sorted(r.changes.items())) or "no changes"

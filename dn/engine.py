@@ -35,7 +35,7 @@ from pulumi.automation import errors as auto_errors
 from semver import VersionInfo
 
 from dn import tooling
-from dn.errors import DnError, InvalidInput, Locked, OperationFailed, PolicyViolation
+from dn.errors import DnError, HostKeyError, InvalidInput, Locked, OperationFailed, PolicyViolation, Unreachable
 
 if TYPE_CHECKING:
     from dn.config import Settings
@@ -165,6 +165,26 @@ def policy_violations(stdout: str) -> list[str]:
     return out
 
 
+# A provider that refused its host's key or could not reach the host: the last line of its traceback
+# names dn's exception, and the message (all that crosses the process boundary) says what the host
+# presented and what to do.
+_PROVIDER_REFUSAL = re.compile(
+    r"^\s*dn\.(?:errors|ssh)\.(?P<kind>HostKeyError|AuthRefused|Unreachable): (?P<msg>.+?)\s*$", re.M)
+
+
+def provider_refusal(text: str) -> "DnError | None":
+    """The HostKeyError (or Unreachable) a provider raised, as the engine's output reports it:
+    a host-key refusal first, since it is the one that must never read as a mere failure."""
+    found = list(_PROVIDER_REFUSAL.finditer(text))
+    if not found:
+        return None
+    m = next((m for m in found if m.group("kind") == "HostKeyError"), found[0])
+    if m.group("kind") == "HostKeyError":
+        return HostKeyError(m.group("msg"), hint="the key was checked against the host's pin in the current "
+                                                 "configuration, not the one recorded in the stack's state")
+    return Unreachable(m.group("msg"))
+
+
 def missing_plugin(text: str) -> str | None:
     """The plugin (and version) a Pulumi error says is missing, if it says so."""
     for rx in _PLUGIN_MISSING:
@@ -227,6 +247,9 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
             raise PolicyViolation(
                 scrub(f"{op}: mandatory policy violated:\n" + "\n".join(violations), secrets), where=where,
             ) from None
+        refused = provider_refusal(f"{result.stderr}\n{result.stdout}")
+        if refused is not None:  # exit 3 naming the fingerprint, not a "Traceback" and exit 1
+            raise type(refused)(scrub(f"{op}: {refused.message}", secrets), hint=refused.hint, where=where) from None
         detail = scrub(_error_lines(result), secrets)
         kind = {
             auto_errors.InlineSourceRuntimeError: "the stack program raised an exception",

@@ -231,20 +231,23 @@ def check_host_key(seen: PublicKey, pinned: PinnedKeys, where: str) -> None:
     where_pinned = " and ".join(pinned.sources) or "host_key/known_hosts"
     if seen in pinned.revoked:
         raise HostKeyError(
-            f"{where} presented a REVOKED host key {seen.describe()}; refusing to connect",
+            f"{where} presented a REVOKED host key {seen.describe()}; refusing to connect "
+            f"(fix: verify the host out of band and pin its new key in {where_pinned})",
             hint=f"the key is marked @revoked in {where_pinned}; verify the host out of band and pin its new key",
         )
     if seen in pinned.keys:
         return
     if not pinned.keys:
         raise HostKeyError(
-            f"host key of {where} is not pinned: the host presented {seen.describe()}; refusing to connect",
+            f"host key of {where} is not pinned: the host presented {seen.describe()}; refusing to connect "
+            f"(fix: verify {seen.fingerprint} out of band, then pin it in host_key or {where_pinned})",
             hint=f"verify this fingerprint out of band (on the host: ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), "
                  f"then add the key to host_key or to {where_pinned}",
         )
     expected = ", ".join(k.describe() for k in pinned.keys)
     raise HostKeyError(
-        f"host key of {where} CHANGED: the host presented {seen.describe()}, pinned is {expected}; refusing to connect",
+        f"host key of {where} CHANGED: the host presented {seen.describe()}, pinned is {expected}; refusing to connect "
+        f"(fix: verify {seen.fingerprint} out of band; only if it is the host's real key, pin it in {where_pinned})",
         hint="this is either a reinstalled host or someone in the middle: verify the new fingerprint out of band, "
              f"then update {where_pinned}",
     )
@@ -414,6 +417,37 @@ def connect(target: SSHTarget, *, passphrase: str | None = None) -> "Session":
         raise
     log.debug("connected to %s (host key %s)", where, PublicKey(server_key.get_name(), server_key.asbytes()).fingerprint)
     return Session(target, transport, where)
+
+
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                  "rsa-sha2-512")
+
+
+def offered_host_keys(target: SSHTarget, key_types: Sequence[str] = HOST_KEY_TYPES) -> dict[str, PublicKey | None]:
+    """The host key ``target`` presents for each of ``key_types`` (None: it has none of that
+    type): one handshake each, no login, nothing checked. What any client asking for that type
+    would be shown, e.g. a key revoked in dn's pins that the host still serves."""
+    where = f"{target.user}@{known_hosts_name(target.address, target.port)}"
+    out: dict[str, PublicKey | None] = {}
+    for kt in key_types:
+        transport = paramiko.Transport(_open_socket(target, where))
+        try:
+            transport.banner_timeout = transport.handshake_timeout = target.connect_timeout
+            transport.get_security_options().key_types = [kt]
+            try:
+                transport.start_client(timeout=target.connect_timeout)
+            except paramiko.SSHException as e:
+                if "no acceptable host key" in str(e).lower():
+                    out[kt] = None
+                    continue
+                raise Unreachable(f"cannot reach {where}: SSH handshake failed ({e})") from None
+            except (EOFError, OSError) as e:
+                raise Unreachable(f"cannot reach {where}: SSH handshake failed ({e or type(e).__name__})") from None
+            key = transport.get_remote_server_key()
+            out[kt] = PublicKey(key.get_name(), key.asbytes())
+        finally:
+            transport.close()
+    return out
 
 
 # --------------------------------------------------------------------------------------------

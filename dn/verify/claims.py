@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dn.verify import auditlog, backups, data, network, nginx, storage
 from dn.verify import access
+from dn.verify import hostkey
 from dn.verify.core import Claim
 
 CLAIMS: tuple[Claim, ...] = (
@@ -29,6 +30,12 @@ CLAIMS: tuple[Claim, ...] = (
           "no SECURITY DEFINER function; no role that is it or a member of it is a superuser, may create roles or "
           "bypass row security, or is a member of any other role",
           access.check_preview_read_only),
+    Claim("ssh.host-key",
+          "who has access to the production systems? … Only the founder … SSH keys with a passphrase",
+          "one SSH handshake per host-key type (no login): the host presents a key pinned in the current "
+          "configuration (host_key / known_hosts, never a pin recorded in a stack's state) and no key marked "
+          "@revoked there, under any type",
+          hostkey.check_host_key),
     Claim("net.tenant-isolation",
           "Per-tenant Docker network namespaces + iptables; No access between sGTM containers",
           "docker network inspect (own bridge network per tenant, enable_icc=false), docker inspect (each sGTM "

@@ -3,10 +3,15 @@
 Conventions of every provider in this package (the engine pickles providers with dill and runs
 them in its own process, ``python -m pulumi.dynamic``):
 
-- A provider holds no state: no connection, no key. Each method opens its own SSH session from
-  the ``ssh`` input, plain data (``stacks.programs.ssh_target_data``: address, port, user, key
-  path, pinned host key or known_hosts path, timeouts). A change of ``ssh`` alone is not a change
-  of the resource.
+- A provider holds no state: no connection, no key. Each method opens its own SSH session to the
+  host as the *current* configuration describes it (address, port, user, key path, pinned host
+  key or known_hosts path, timeouts: ``stacks.programs.ssh_target_data``), which dn's engine hands
+  every provider process of a stack in ``DN_PROVIDER_HOST`` (:func:`host_env`). ``read`` and
+  ``delete`` get only what the state recorded, and a pin recorded there may since have been
+  replaced or marked ``@revoked``: they connect only with the current configuration
+  (:func:`state_session`) and refuse without it. ``create``/``update`` may fall back to the
+  ``ssh`` input (the program's, current by construction). A change of ``ssh`` alone is not a
+  change of the resource: the ``ssh`` recorded in the state is never used to connect.
 - ``host`` is a ``HostBaseline`` as JSON data (``model_dump(mode="json")``, prefix included);
   ``tenant`` a tenant's host view (``dn.models.host_view_data``: no ``container_config``).
 - ``check`` validates with dn.models and reports the failing input and rule; ``diff`` compares
@@ -21,6 +26,8 @@ them in its own process, ``python -m pulumi.dynamic``):
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,8 +35,9 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from pulumi.output import Unknown
 from pulumi.runtime.rpc import UNKNOWN
 
-from dn.errors import DnError, InvalidInput
+from dn.errors import ConfigError, DnError, InvalidInput, OperationFailed
 
+HOST_ENV = "DN_PROVIDER_HOST"  # the stack's host as the current configuration has it (host_env)
 SSH_FIELDS = ("address", "port", "user", "key_path", "host_key", "known_hosts", "connect_timeout", "command_timeout")
 SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's "special signature" key
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"  # ... and its value for a secret
@@ -57,27 +65,75 @@ def reveal(value: Any) -> Any:
     return value
 
 
-def target(props: Mapping[str, Any]):
-    """The ``ssh`` input as an SSHTarget (InvalidInput naming ``ssh.<field>``)."""
+def _ssh_target(data: Any, field: str):
     from pydantic import ValidationError
 
     from dn.config import SSHTarget
     from dn.models import invalid_from
 
-    data = props.get("ssh")
     if not isinstance(data, Mapping):
-        raise InvalidInput("ssh", "is required: the host's SSH target as plain data (stacks.programs.ssh_target_data)")
+        raise InvalidInput(field, "is required: the host's SSH target as plain data (stacks.programs.ssh_target_data)")
     try:
         return SSHTarget.model_validate({k: v for k, v in data.items() if k in SSH_FIELDS and v is not None})
     except ValidationError as e:
-        raise invalid_from(e, "ssh.") from None
+        raise invalid_from(e, f"{field}.") from None
+
+
+def target(props: Mapping[str, Any]):
+    """The ``ssh`` input as an SSHTarget (InvalidInput naming ``ssh.<field>``)."""
+    return _ssh_target(props.get("ssh"), "ssh")
+
+
+def host_env(name: str, ssh: Mapping[str, Any]) -> dict[str, str]:
+    """The engine environment that gives every provider of a stack on host ``name`` its SSH
+    target (``stacks.programs.ssh_target_data`` of the current configuration: paths and public
+    keys, no secret)."""
+    return {HOST_ENV: json.dumps({"name": name, "ssh": dict(ssh)}, sort_keys=True)}
+
+
+def configured(props: Mapping[str, Any]):
+    """The SSHTarget of the current configuration for the resource ``props`` describes (from
+    ``DN_PROVIDER_HOST``), or None when the engine was not given one. A resource whose ``host``
+    input names another host than the stack's is refused."""
+    raw = os.environ.get(HOST_ENV)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        name, ssh = data["name"], data["ssh"]
+    except (ValueError, TypeError, KeyError):
+        raise ConfigError(f"{HOST_ENV}: not a host's SSH target as dn's engine passes it "
+                          "(stacks.providers.common.host_env)") from None
+    host = props.get("host")
+    recorded = host.get("name") if isinstance(host, Mapping) else None
+    if recorded is not None and recorded != name:
+        raise InvalidInput("host", f"the resource is on host {recorded!r}, but this stack runs for host {name!r}: "
+                                   "dn does not connect to one host with another's SSH settings")
+    return _ssh_target(ssh, HOST_ENV)
 
 
 def session(props: Mapping[str, Any]):
-    """A new SSH session to the host of ``props`` (close it: use ``with``)."""
+    """A new SSH session to the host of ``props`` for ``create``/``update`` (close it: use
+    ``with``): the current configuration's target, else the ``ssh`` input of the program."""
     from dn import ssh
 
-    return ssh.connect(target(props))
+    return ssh.connect(configured(props) or target(props))
+
+
+def state_session(props: Mapping[str, Any]):
+    """A new SSH session for ``read``/``delete``, whose ``props`` come from the state: only ever
+    with the current configuration's target, so a pin replaced or revoked since the resource was
+    created is never trusted again."""
+    from dn import ssh
+
+    current = configured(props)
+    if current is None:
+        # the whole explanation is in the message: only it crosses back to dn from the engine
+        raise OperationFailed(
+            f"no SSH target of the current configuration was given ({HOST_ENV}): the host key pinned in the "
+            "state may be one replaced or revoked since, so dn does not connect with it; run this through dn "
+            "(dn refresh, dn up, dn tenant destroy), which passes the host's current settings to its providers")
+    return ssh.connect(current)
 
 
 def host(props: Mapping[str, Any]):

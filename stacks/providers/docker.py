@@ -8,9 +8,10 @@ classes only map Pulumi's provider protocol onto it.
 
 Conventions (the engine pickles providers with dill and runs them in its own process):
 
-- No connection or key object lives on a provider: every method opens its own SSH session from
-  the ``ssh`` input (plain data: address, port, user, key path, pinned host key or known_hosts;
-  ``stacks.programs.ssh_target_data``). A change of ``ssh`` alone is not a change of the resource.
+- No connection or key object lives on a provider: every method opens its own SSH session to the
+  host as the current configuration has it (``stacks.providers.common``: ``read`` and ``delete``
+  never connect with the ``ssh`` recorded in the state, whose pin may have been replaced or
+  revoked since). A change of ``ssh`` alone is not a change of the resource.
 - ``secret_env`` (CONTAINER_CONFIG) must be a Pulumi secret. The provider receives it in plain text
   (dynamic providers do not accept secrets), sends it to the daemon only on the SSH channel's
   stdin, and never returns it: outputs carry the other inputs plus ``observed``, the normalized
@@ -108,11 +109,11 @@ class DockerNetworkProvider(ResourceProvider):
         return UpdateResult(outs={**_inputs(news), "network_id": live["id"], "observed": live})
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             hd.remove_network(s, props.get("name") or id_)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             live = hd.read_network(s, id_)
         if live is None:
             return ReadResult(id_=None, outs={})  # gone: a refresh drops it from the state
@@ -180,12 +181,12 @@ class DockerContainerProvider(ResourceProvider):
         return UpdateResult(outs=self._deploy(news))
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             hd.remove_container(s, props.get("name") or id_)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         keys = props.get("secret_env_keys") or hd.SECRET_ENV_DEFAULT
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             live = hd.read_container(s, id_, keys)
         if live is None:
             return ReadResult(id_=None, outs={})

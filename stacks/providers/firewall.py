@@ -55,7 +55,7 @@ class _FirewallProvider(c.DigestProvider):
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         rulesets = self.render(props)
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             state = fw.read(s)
         if not _present(rulesets, state):
             return ReadResult(id_=None, outs={})
@@ -80,7 +80,7 @@ class FirewallBaselineProvider(_FirewallProvider):
         return f"{c.host(props).name}:firewall-baseline"
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             fw.remove_baseline(s, c.host(props))
 
 
@@ -106,7 +106,7 @@ class TenantFirewallProvider(_FirewallProvider):
         return f"{c.host(props).name}:firewall:{c.tenant(props).slug}"
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             fw.remove_tenant(s, c.host(props), c.tenant(props))
 
 

@@ -127,7 +127,7 @@ class LuksVolumeProvider(ResourceProvider):
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         spec = spec_of(props)
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             state = luks.read(s, spec)
         if not state.exists:
             return ReadResult(id_=None, outs={})
@@ -140,7 +140,7 @@ class LuksVolumeProvider(ResourceProvider):
         return ReadResult(id_=id_, outs=_outs(props, seen, props.get("key_fingerprint"), state, notes))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             luks.remove(s, spec_of(props))
 
 

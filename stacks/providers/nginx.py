@@ -49,7 +49,7 @@ class _NginxProvider(c.DigestProvider):
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         unit = self.render(props)
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             state = hn.read(s, c.host(props), unit)
         if all(v is None for v in state.files.values()):
             return ReadResult(id_=None, outs={})
@@ -67,7 +67,7 @@ class NginxBaseProvider(_NginxProvider):
         return f"{h.name}:nginx-base"
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             hn.remove_base(s, c.host(props))
 
 
@@ -83,7 +83,7 @@ class NginxVhostProvider(_NginxProvider):
         return f"{c.host(props).name}:nginx-vhost:{c.tenant(props).slug}"
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             hn.remove_vhost(s, c.host(props), c.tenant(props))
 
 

@@ -79,7 +79,7 @@ class SystemdTimerProvider(c.DigestProvider):
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         ts = timer_set(props)
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             state = ht.read(s, c.host(props), ts)
         if all(v is None for v in state.files.values()):
             return ReadResult(id_=None, outs={})
@@ -90,7 +90,7 @@ class SystemdTimerProvider(c.DigestProvider):
         return ReadResult(id_=id_, outs=self.outs(props, the_digest, {"notes": list(the_plan.notes)}))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        with c.session(props) as s:
+        with c.state_session(props) as s:
             ht.remove(s, c.host(props), timer_set(props))
 
 

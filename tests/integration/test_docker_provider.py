@@ -138,6 +138,21 @@ def ssh_data(sandbox) -> dict:
     return sandbox.host.model_dump(mode="json", include=set(SSH_FIELDS))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def current_host():
+    """What dn's engine gives the providers: the host's SSH target as the configuration has it
+    (read and delete never connect with the one recorded in their state)."""
+    from stacks.programs import ssh_target_data
+    from stacks.providers.common import host_env
+    from tests.fixtures.sandbox import TEST_DATA, sandbox_settings
+
+    settings = sandbox_settings(TEST_DATA)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in host_env(settings.default_host, ssh_target_data(settings.host())).items():
+            mp.setenv(k, v)
+        yield
+
+
 @pytest.fixture(scope="module")
 def world(sandbox, ssh_data):
     cleanup(sandbox, SLUGS)

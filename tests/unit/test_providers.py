@@ -30,6 +30,18 @@ PROVIDERS = (NginxBaseProvider, NginxVhostProvider, FirewallBaselineProvider, Te
 DN_BIN = str(Path(sys.executable).parent / "dn")
 
 
+@pytest.fixture(autouse=True)
+def current_host(monkeypatch):
+    """What dn's engine gives the providers: the host's SSH target as the configuration has it
+    (read and delete never connect with the one recorded in their state)."""
+    from stacks.providers.common import host_env
+    from tests.fixtures.sandbox import TEST_DATA, sandbox_settings
+
+    settings = sandbox_settings(TEST_DATA)
+    for k, v in host_env(settings.default_host, ssh_target_data(settings.host())).items():
+        monkeypatch.setenv(k, v)
+
+
 @pytest.mark.parametrize("cls", PROVIDERS)
 def test_providers_hold_no_state_and_pickle_by_reference(cls):
     p = cls()

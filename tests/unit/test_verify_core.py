@@ -105,7 +105,7 @@ def test_renderers():
 
 
 def test_claims_have_stable_unique_ids_and_say_how():
-    assert ids() == ["net.public-ports", "net.admin-ssh", "access.ci-preview-read-only", "net.tenant-isolation", "net.tenant-default-closed",
+    assert ids() == ["net.public-ports", "net.admin-ssh", "access.ci-preview-read-only", "ssh.host-key", "net.tenant-isolation", "net.tenant-default-closed",
                      "nginx.rate-limits", "nginx.tls",
                      "nginx.hsts", "nginx.no-drift", "storage.luks", "backup.fresh", "backup.retention",
                      "backup.monthly", "dr.drill", "audit.chain", "audit.retention", "retention.events",
