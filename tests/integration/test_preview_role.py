@@ -129,3 +129,41 @@ def test_verify_shows_the_preview_identity_read_only_and_fails_a_widened_one(pg_
             with _cluster_lock():
                 pg_super.execute(revoke)
     assert _verify(dn_settings)[0] is Status.PASS
+
+
+@pytest.mark.engine
+def test_dn_preview_runs_as_the_preview_role_with_no_ssh_key(pg_cluster, pg_database, pg_super, dn_settings_data,
+                                                             preview_login, tmp_path):
+    """`dn preview --all` as CI's preview job runs it: the database as a dn_preview member, the
+    host's key file absent. The stacks are new here, so the providers' check runs (the diff of an
+    existing resource is covered by tests/unit/test_preview_needs_no_key.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.fixtures.postgres import to_toml
+    from tests.stacks.e2e import engine_missing
+
+    why = engine_missing()
+    if why:
+        pytest.fail(why)
+    role, passfile = preview_login
+    data = json.loads(json.dumps(dn_settings_data))
+    data["database"] = {"dsn": pg_cluster.dsn(role, pg_database), "passfile": str(passfile)}
+    data["hosts"]["test-eu1"]["key_path"] = str(tmp_path / "no-such-key")
+    data["hosts"]["test-eu1"]["admin_sources"] = ["192.0.2.0/24"]
+    pf = tmp_path / "passphrase"
+    pf.write_text("preview role test: seven calm herons\n")
+    pf.chmod(0o600)
+    data["secrets"] = {"passphrase_file": str(pf)}
+    cfg = tmp_path / "preview.toml"
+    cfg.write_text(to_toml(data) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DN_") and k not in ("CI", "GITHUB_ACTIONS")}
+    env.update(DN_CONFIG=str(cfg), DN_HOME=data["data_dir"])
+    r = subprocess.run([sys.executable, "-c", "from cli.main import run; run()", "preview", "--all", "--format", "json"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert [s["stack"] for s in doc["stacks"]] == ["host--test-eu1"] and not doc["stacks"][0]["error"], doc
+    assert doc["totals"]["create"] > 0  # the baseline was previewed, resource by resource
+    assert not (tmp_path / "no-such-key").exists()
