@@ -6,7 +6,7 @@ Outputs: the inputs plus ``digest`` (of the rendered rules, as applied; a refres
 live rules differ, e.g. a rule added by hand or a hook missing, records ``drift:...`` instead,
 so the next ``up`` re-applies) and ``drift`` (what differs, empty when in place). An apply that
 would lock dn out of the host is refused (the engine reports the PolicyViolation); a failed apply
-leaves exactly the previous rules. A tenant's slug change replaces its chains.
+puts back what it changed (``dn.host.firewall``). A tenant's slug change replaces its chains.
 """
 from __future__ import annotations
 
@@ -125,8 +125,9 @@ class FirewallBaseline(Resource):
 
 class TenantFirewall(Resource):
     """One tenant's chains: no forwarding to other tenants' bridges, docker0 or private ranges; no
-    host service but nginx (and the host's ``tenant_host_services``). Create it after the
-    tenant's Docker network, whose bridge it matches (tenant stack)."""
+    host service but nginx (and the host's ``tenant_host_services``). Create it before the
+    tenant's Docker network and containers, which depend on it (tenant stack): it matches the
+    bridge by name, and until it is in place the baseline drops everything from the bridge."""
 
     digest: pulumi.Output[str]
     drift: pulumi.Output[list]
