@@ -702,7 +702,10 @@ def privileged(ctx: "Context", command: str, args: Mapping[str, Any], *, tenant:
     try:
         if resources:
             claimant = locks.Claimant.this_process(ctx.actor, command, ctx.request_id)
-            held = locks.acquire(conn, resources, claimant, settings.database.lock_timeout)
+            held = locks.acquire(conn, resources, claimant, settings.database.lock_timeout,
+                                 stale_after=settings.database.lock_stale_after,
+                                 on_takeover=lambda h, why: record_takeover(ctx, h.resource, h.to_dict(), why,
+                                                                            command, conn=conn))
         yield op
     except BaseException as e:
         outcome, code = outcome_of(e)
@@ -710,6 +713,18 @@ def privileged(ctx: "Context", command: str, args: Mapping[str, Any], *, tenant:
         raise
     finally:
         _finish(ctx, conn, op, outcome, code, held, failure)
+
+
+def record_takeover(ctx: "Context", resource: str, holder: Mapping[str, Any], why: str, by_command: str, *,
+                    tenant: str | None = None, host: str | None = None, conn: "Connection | None" = None) -> Entry:
+    """The audit entry of a lock taken over from a provably dead holder (dn.locks, dn.engine):
+    which lock, whose it was, why that holder is dead, and which command took it."""
+    kind, _, name = resource.partition(":")
+    tenant = tenant if tenant is not None else (name if kind == "tenant" else None)
+    host = host if host is not None else (name if kind == "host" else None)
+    keep = ("actor", "command", "request_id", "pid", "machine", "since", "username", "hostname", "timestamp", "path")
+    return record(ctx, "lock takeover", {"resource": resource, "holder": {k: v for k, v in holder.items() if k in keep},
+                                         "reason": why, "taken_by": by_command}, tenant=tenant, host=host, conn=conn)
 
 
 def _finish(ctx: "Context", conn: "Connection", op: Operation, outcome: str, code: int, held: list[str],

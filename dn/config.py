@@ -136,6 +136,10 @@ class DatabaseConfig(Strict):
     )
     passfile: Path | None = Field(None, description="libpq password file (mode 0600); the DSN never holds a password")
     lock_timeout: float = Field(30.0, ge=0, le=3600, description="seconds to wait for a tenant/host lock")
+    lock_stale_after: float = Field(
+        21600.0, ge=600, le=30 * 86400,
+        description="seconds after which a lock whose holder is on another machine (so its process cannot be "
+                    "checked) and whose database session is gone counts as dead and is taken over")
 
     @field_validator("dsn", "admin_dsn")
     @classmethod

@@ -9,9 +9,20 @@ A lock is two things in the platform database:
 
 The second operation waits up to ``database.lock_timeout`` seconds for the advisory lock, then
 fails with :class:`dn.errors.Locked` (exit code 5) naming the holder. A row whose advisory lock
-nobody holds was left by a run that died mid-way: that lock is *stale*. dn does not silently take
-it over, because the dead run may have left a half-applied change; ``dn lock list`` shows it and
-``dn lock break RESOURCE`` (audited) removes it once someone has looked.
+nobody holds is *stale*: its holder's database session is gone.
+
+Taking over. A stale row whose holder is *provably dead* is taken over by the next run that asks
+for the lock, with an audit entry ("lock takeover") naming the dead holder and why it is dead:
+
+- the holder ran on this machine (same host name, boot id and pid namespace) and its pid is gone,
+  a zombie, or now another process (its kernel start time differs from the recorded one);
+- or its process cannot be checked from here (another machine, or a row without the process
+  identity) and the lock is older than ``database.lock_stale_after``.
+
+Every dn operation converges when rerun (Pulumi up/destroy, the GDPR journal), so the rerun of
+the crashed command, or any other, finishes what the dead run left. A stale row whose holder's
+process is still running (its session dropped, the process did not) is never taken over: that
+fails with Locked, and ``dn lock break RESOURCE`` (audited) is for a person who has looked.
 
 Resources are ``tenant:<slug>``, ``host:<name>``, ``audit:<name>`` and ``db:<name>``. Callers
 normally go through :func:`dn.audit.privileged`, which locks and audits together.
@@ -23,9 +34,9 @@ import os
 import re
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dn.errors import InvalidInput, Locked, OperationFailed
 
@@ -53,6 +64,88 @@ def lock_key(res: str) -> int:
     return int.from_bytes(hashlib.sha256(b"dn-lock\0" + res.encode()).digest()[:8], "big", signed=True)
 
 
+# -- processes -----------------------------------------------------------------------------------
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This machine's boot id (new at every boot), or None where the kernel does not say."""
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace(pid: int | str = "self") -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc, or None if no such pid."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ")"
+    rest = text.rsplit(")", 1)[-1].split()
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_start(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot): with the boot id, it tells a
+    process apart from a later one that got the same pid."""
+    st = _stat(pid)
+    return st[1] if st else None
+
+
+def _started_at(ticks: int) -> float | None:
+    """A start time in ticks since boot as a Unix time."""
+    stat = _read("/proc/stat") or ""
+    btime = next((int(ln.split()[1]) for ln in stat.splitlines() if ln.startswith("btime ")), None)
+    return None if btime is None else btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_gone(machine: str, pid: int, *, boot: str | None = None, pid_ns: str | None = None,
+                 start: int | None = None, since: float | None = None) -> str | None:
+    """Why the process ``pid`` on ``machine`` is provably not running any more, or None when it
+    may be (it runs, or it cannot be checked from here).
+
+    Checkable only on this machine: same host name, and the boot id and pid namespace when they
+    were recorded (a pid means nothing in another namespace or after a reboot seen from a
+    container). ``start`` (ticks since boot, recorded by the holder) or else ``since`` (a Unix
+    time at which the holder already ran) tell a reused pid from the holder.
+    """
+    if machine != socket.gethostname():
+        return None
+    if boot is not None and boot != boot_id():
+        return None
+    if pid_ns is not None and pid_ns != pid_namespace():
+        return None
+    if pid <= 0:
+        return None
+    st = _stat(pid)
+    if st is None:
+        return f"pid {pid} is gone on {machine}"
+    state, ticks = st
+    if state in ("Z", "X"):
+        return f"pid {pid} on {machine} has exited (not yet reaped)"
+    if start is not None:
+        return f"pid {pid} on {machine} is now another process" if ticks != start else None
+    if since is not None:
+        began = _started_at(ticks)
+        # one second of slack: the kernel's start time is in ticks, the holder's time in the file
+        if began is not None and began > since + 1.0:
+            return f"pid {pid} on {machine} is now another process (started after the lock was taken)"
+    return None
+
+
 @dataclass(frozen=True)
 class Claimant:
     """Who asks for a lock."""
@@ -62,10 +155,14 @@ class Claimant:
     request_id: str
     pid: int
     machine: str
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    pid_start: int | None = None
 
     @classmethod
     def this_process(cls, actor: str, command: str, request_id: str) -> "Claimant":
-        return cls(actor, command, request_id, os.getpid(), socket.gethostname())
+        pid = os.getpid()
+        return cls(actor, command, request_id, pid, socket.gethostname(), boot_id(), pid_namespace(), pid_start(pid))
 
 
 @dataclass(frozen=True)
@@ -83,6 +180,9 @@ class Holder:
     age_seconds: float
     alive: bool
     holder_backends: tuple[int, ...]
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    pid_start: int | None = None
 
     def describe(self) -> str:
         since = self.since.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -95,6 +195,28 @@ class Holder:
         d["holder_backends"] = list(self.holder_backends)
         d["state"] = "held" if self.alive else "stale"
         return d
+
+    def dead(self, stale_after: float | None) -> str | None:
+        """Why this lock's holder is provably dead (so the lock may be taken over), or None.
+
+        A holder whose database session is alive is alive. Otherwise its process decides when it
+        can be checked from here; when it cannot, the lock's age against ``stale_after``."""
+        if self.alive:
+            return None
+        # a row without the start time (written before dn recorded it) still has its own age
+        since = self.since.timestamp() if self.pid_start is None else None
+        gone = process_gone(self.machine, self.pid, boot=self.boot_id, pid_ns=self.pid_ns, start=self.pid_start,
+                            since=since)
+        if gone:
+            return f"its database session is gone and {gone}"
+        checkable = self.machine == socket.gethostname() and (self.boot_id is None or self.boot_id == boot_id()) \
+            and (self.pid_ns is None or self.pid_ns == pid_namespace())
+        if checkable:
+            return None  # the process still runs: its session dropped, it did not
+        if stale_after is not None and self.age_seconds > stale_after:
+            return (f"its database session is gone, its process cannot be checked from here, and the lock is "
+                    f"{_ago(self.age_seconds)} old (database.lock_stale_after: {_ago(stale_after)})")
+        return None
 
 
 def _ago(seconds: float) -> str:
@@ -111,6 +233,7 @@ def _ago(seconds: float) -> str:
 # The advisory lock of a row is visible in pg_locks as classid = high 32 bits, objid = low 32 bits.
 _HOLDERS_SQL = """
 SELECT l.resource, l.actor, l.command, l.request_id, l.pid, l.machine, l.backend_pid,
+       l.boot_id, l.pid_ns, l.pid_start,
        l.acquired_at AS since,
        extract(epoch FROM clock_timestamp() - l.acquired_at)::float8 AS age_seconds,
        coalesce((SELECT array_agg(p.pid ORDER BY p.pid) FROM pg_locks p
@@ -144,14 +267,25 @@ def holder(conn: "Connection", res: str) -> Holder | None:
 
 def _stale_error(h: Holder) -> Locked:
     return Locked(
-        f"{h.resource} is locked by a run that is no longer alive: {h.describe()}",
-        hint=f"look at what it left (`dn audit show --since 1d`), then `dn lock break {h.resource}` and rerun",
+        f"{h.resource} is locked by a run whose database session is gone but which cannot be proved dead "
+        f"(its process may still be running): {h.describe()}",
+        hint=f"stop that process if it still runs, or look at what it left (`dn audit show --since 1d`); then "
+             f"`dn lock break {h.resource}` and rerun",
         where=h.resource)
 
 
-def acquire(conn: "Connection", resources: Iterable[str], claimant: Claimant, timeout: float) -> list[str]:
+OnTakeover = Callable[[Holder, str], None]
+
+
+def acquire(conn: "Connection", resources: Iterable[str], claimant: Claimant, timeout: float, *,
+            stale_after: float | None = None, on_takeover: OnTakeover | None = None) -> list[str]:
     """Take the locks on ``resources`` (in sorted order, so two runs never deadlock) for this
-    connection's session. Waits up to ``timeout`` seconds in total; raises Locked naming the holder."""
+    connection's session. Waits up to ``timeout`` seconds in total; raises Locked naming the holder.
+
+    A stale lock whose holder is provably dead (:meth:`Holder.dead`) is taken over when
+    ``on_takeover`` is given: it is called with the dead holder and the reason first (it writes the
+    audit entry; if it raises, nothing was taken over), then the holder's row is replaced by ours.
+    Without ``on_takeover``, or when the holder cannot be proved dead, a stale lock is refused."""
     from dn import db
 
     wanted = sorted({parse_resource(r) for r in resources})
@@ -183,12 +317,26 @@ def acquire(conn: "Connection", resources: Iterable[str], claimant: Claimant, ti
                 stale = holder(conn, res)
                 if stale is not None:
                     # We hold the advisory lock, so the row's own session is gone.
-                    db.advisory_unlock(conn, key)
-                    raise _stale_error(stale)
+                    # (the row now shows our own session as its holder's: judge it without)
+                    stale = replace(stale, alive=False, holder_backends=())
+                    why = stale.dead(stale_after) if on_takeover is not None else None
+                    if why is None:
+                        db.advisory_unlock(conn, key)
+                        raise _stale_error(stale)
+                    try:
+                        on_takeover(stale, why)  # audited before anything changes
+                        conn.execute("DELETE FROM op_locks WHERE resource = %s AND request_id = %s",
+                                     (res, stale.request_id))
+                    except BaseException:
+                        if not conn.closed:
+                            db.advisory_unlock(conn, key)
+                        raise
                 conn.execute(
-                    "INSERT INTO op_locks (resource, lock_key, actor, command, request_id, pid, machine, backend_pid)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, pg_backend_pid())",
-                    (res, key, claimant.actor, claimant.command, claimant.request_id, claimant.pid, claimant.machine))
+                    "INSERT INTO op_locks (resource, lock_key, actor, command, request_id, pid, machine, backend_pid,"
+                    " boot_id, pid_ns, pid_start)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, pg_backend_pid(), %s, %s, %s)",
+                    (res, key, claimant.actor, claimant.command, claimant.request_id, claimant.pid, claimant.machine,
+                     claimant.boot_id, claimant.pid_ns, claimant.pid_start))
                 taken.append(res)
     except BaseException:
         if taken and not conn.closed:

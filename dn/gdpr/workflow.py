@@ -396,22 +396,6 @@ class Outcome:
     dry_run: bool = False
 
 
-def _resume_own_stale_lock(ctx: "Context", conn: "Connection", slug: str) -> str | None:
-    """A crashed `dn gdpr delete` of this tenant leaves a stale lock. The journal records exactly
-    what it did, so its own command may take over: break that lock (audited) and resume. Any
-    other stale holder is left for a person (`dn lock break`)."""
-    from dn import audit, locks
-
-    res = locks.resource("tenant", slug)
-    h = locks.holder(conn, res)
-    if h is None or h.alive or h.command != COMMAND:
-        return None
-    locks.break_lock(conn, res)
-    audit.record(ctx, "lock break", {"resource": res, "holder_request_id": h.request_id,
-                                     "reason": "resuming the crashed GDPR deletion that held it"}, tenant=slug, conn=conn)
-    return h.request_id
-
-
 def delete(ctx: "Context", slug: str, request_id: int, *, dry_run: bool = False,
            confirm: Callable[[Prepared], bool] | None = None, resources: "Resources | None" = None,
            batch_size: int = BATCH_ROWS, on_event: OnEvent = _quiet, dm: dmap.DataMap | None = None) -> Outcome:
@@ -432,8 +416,7 @@ def delete(ctx: "Context", slug: str, request_id: int, *, dry_run: bool = False,
             return Outcome(p, dry_run=True)
         if confirm is not None and not confirm(p):
             raise InvalidInput("confirmation", "not confirmed: nothing was changed")
-        with db.translate_errors("checking the tenant's lock"):
-            _resume_own_stale_lock(ctx, conn, slug)
+    # A crashed run's lock (its holder provably dead) is taken over by audit.privileged (dn.locks).
     args = {"request_id": request_id, "resumed": p.resuming}
     with audit.privileged(ctx, COMMAND, args, tenant=slug) as op:
         with db.connect(settings.database, application_name=f"dn {COMMAND} {ctx.request_id}") as conn:

@@ -136,37 +136,151 @@ with audit.privileged(ctx, "tenant update", {"plan": "standard"}, tenant="acme",
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
+# A holder whose database session ends while its process goes on (a dropped connection): stale
+# in the database, alive on the machine.
+SESSION_LOST = """
+import sys, time
+from dn import db, locks
+from dn.context import Context
+ctx = Context()
+conn = db.connect(ctx.settings.database)
+locks.acquire(conn, ["tenant:acme"], locks.Claimant.this_process(ctx.actor, "tenant update", ctx.request_id), 5)
+conn.close()
+print(ctx.request_id, flush=True)
+time.sleep(120)
+"""
 
-def test_stale_lock_is_shown_refused_and_broken_explicitly(dn_ctx, dn_cli_env):
+
+def wait_stale(env, resources, timeout=10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:  # the server notices the dead client's closed socket almost at once
+        r = cli(["lock", "list", "--json"], env)
+        held = {h["resource"]: h for h in json.loads(r.stdout)}
+        if (set(resources) <= set(held) and not any(held[x]["alive"] for x in resources)) \
+                or time.monotonic() > deadline:
+            return held
+        time.sleep(0.1)
+
+
+def takeovers(ctx) -> list:
+    return [e for e in audit.show(ctx) if e.command == "lock takeover"]
+
+
+def test_a_killed_runs_locks_are_taken_over_by_the_rerun_audited(dn_ctx, dn_cli_env):
     r = subprocess.run([sys.executable, "-c", CRASH], env=dn_cli_env, cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
     crashed = r.stdout.strip()
     # The crashed run wrote no entry (it never finished) and left both locks behind.
     assert audit.show(dn_ctx) == []
-    deadline = time.monotonic() + 10
-    while True:  # the server notices the dead client's closed socket almost at once
-        r = cli(["lock", "list", "--json"], dn_cli_env)
-        held = {h["resource"]: h for h in json.loads(r.stdout)}
-        if not any(h["alive"] for h in held.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    held = wait_stale(dn_cli_env, {"tenant:acme", "host:test-eu1"})
     assert set(held) == {"tenant:acme", "host:test-eu1"}
     assert all(h["state"] == "stale" and h["request_id"] == crashed for h in held.values())
+    assert all("is gone on" in h["holder_dead"] for h in held.values())
     r = cli(["lock", "list"], dn_cli_env)
     assert "tenant:acme" in r.stdout and "STALE" in r.stdout and crashed in r.stdout
-    # dn does not take over a crashed run's lock by itself ...
-    with pytest.raises(Locked, match="tenant:acme is locked by a run that is no longer alive") as ei:
+    assert "holder dead" in r.stdout and "the next run takes it over" in r.stdout
+    # The rerun of the same command needs no manual step: its holder is provably dead (this
+    # machine, its pid gone), so the locks are taken over, each with its own audit entry.
+    with audit.privileged(dn_ctx, "tenant update", {"plan": "standard"}, tenant="acme", host="test-eu1"):
+        with db.connect(dn_ctx.settings.database) as conn:
+            mine = locks.holder(conn, "tenant:acme")
+        assert mine is not None and mine.alive and mine.request_id == dn_ctx.request_id
+    taken = takeovers(dn_ctx)
+    assert sorted(e.args["resource"] for e in taken) == ["host:test-eu1", "tenant:acme"]
+    for e in taken:
+        assert e.outcome == "ok" and e.args["holder"]["request_id"] == crashed
+        assert e.args["holder"]["command"] == "tenant update" and e.args["taken_by"] == "tenant update"
+        assert "its database session is gone and pid" in e.args["reason"] and "is gone on" in e.args["reason"]
+    assert {e.tenant for e in taken} == {"acme", None} and {e.host for e in taken} == {"test-eu1", None}
+    assert [e.command for e in audit.show(dn_ctx)] == ["lock takeover", "lock takeover", "tenant update"]
+    with db.connect(dn_ctx.settings.database) as conn:
+        assert locks.list_locks(conn) == []
+
+
+def test_a_holder_whose_process_still_runs_is_never_taken_over(dn_ctx, dn_cli_env):
+    p = subprocess.Popen([sys.executable, "-c", SESSION_LOST], env=dn_cli_env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        holder_rid = p.stdout.readline().strip()
+        assert holder_rid, p.stderr.read()
+        held = wait_stale(dn_cli_env, {"tenant:acme"})
+        assert held["tenant:acme"]["state"] == "stale" and held["tenant:acme"]["holder_dead"] is None
+        with pytest.raises(Locked, match="cannot be proved dead") as ei:
+            with audit.privileged(dn_ctx, "tenant update", {}, tenant="acme"):
+                pytest.fail("took over a live holder's lock")
+        assert "dn lock break tenant:acme" in ei.value.hint and f"pid {p.pid}" in str(ei.value)
+        assert takeovers(dn_ctx) == []
+        with db.connect(dn_ctx.settings.database) as conn:
+            (h,) = locks.list_locks(conn)
+            assert h.request_id == holder_rid and h.pid == p.pid
+    finally:
+        p.kill()
+        p.wait(10)
+    # once its process is gone, the next run takes the lock over
+    with audit.privileged(dn_ctx, "tenant update", {}, tenant="acme"):
+        pass
+    (e,) = takeovers(dn_ctx)
+    assert e.args["holder"]["request_id"] == holder_rid and f"pid {p.pid} is gone" in e.args["reason"]
+
+
+def _insert_row(conn, res: str, *, pid: int, machine: str, age_s: float = 0.0, **ident) -> None:
+    cols = {"boot_id": None, "pid_ns": None, "pid_start": None, **ident}
+    conn.execute("INSERT INTO op_locks (resource, lock_key, actor, command, request_id, pid, machine, backend_pid,"
+                 " boot_id, pid_ns, pid_start, acquired_at)"
+                 " VALUES (%s, %s, 'someone', 'tenant update', 'req-old', %s, %s, 1, %s, %s, %s,"
+                 " clock_timestamp() - make_interval(secs => %s))",
+                 (res, locks.lock_key(res), pid, machine, cols["boot_id"], cols["pid_ns"], cols["pid_start"], age_s))
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lock(dn_ctx, dn_settings):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with db.connect(dn_settings.database) as conn:
+            # the recorded holder had this pid, but its start time differs: another process now
+            _insert_row(conn, "tenant:acme", pid=sleeper.pid, machine=socket.gethostname(), boot_id=locks.boot_id(),
+                        pid_ns=locks.pid_namespace(), pid_start=(locks.pid_start(sleeper.pid) or 0) - 5)
+            # ... while a row naming that same process exactly is alive on this machine
+            _insert_row(conn, "tenant:beta", pid=sleeper.pid, machine=socket.gethostname(), boot_id=locks.boot_id(),
+                        pid_ns=locks.pid_namespace(), pid_start=locks.pid_start(sleeper.pid))
         with audit.privileged(dn_ctx, "tenant update", {}, tenant="acme"):
             pass
-    assert "dn lock break tenant:acme" in ei.value.hint
-    # ... someone breaks it explicitly, and that is audited with the holder it removed.
+        (e,) = takeovers(dn_ctx)
+        assert e.args["resource"] == "tenant:acme" and "is now another process" in e.args["reason"]
+        with pytest.raises(Locked, match="cannot be proved dead"):
+            with audit.privileged(dn_ctx, "tenant update", {}, tenant="beta"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_holder_on_another_machine_is_dead_only_after_the_bound(dn_ctx, dn_settings):
+    bound = dn_settings.database.lock_stale_after
+    with db.connect(dn_settings.database) as conn:
+        _insert_row(conn, "tenant:acme", pid=4242, machine="elsewhere.example", age_s=bound + 60)
+        _insert_row(conn, "tenant:beta", pid=4242, machine="elsewhere.example", age_s=bound - 60)
+    with audit.privileged(dn_ctx, "tenant update", {}, tenant="acme"):
+        pass
+    (e,) = takeovers(dn_ctx)
+    assert e.args["resource"] == "tenant:acme" and "cannot be checked from here" in e.args["reason"]
+    with pytest.raises(Locked, match="cannot be proved dead"):
+        with audit.privileged(dn_ctx, "tenant update", {}, tenant="beta"):
+            pass
+
+
+def test_stale_lock_is_broken_explicitly(dn_ctx, dn_cli_env, dn_settings):
+    with db.connect(dn_settings.database) as conn:
+        _insert_row(conn, "tenant:acme", pid=4242, machine="elsewhere.example")
+    r = cli(["lock", "list"], dn_cli_env)
+    assert "tenant:acme" in r.stdout and "STALE" in r.stdout and "holder dead" not in r.stdout
+    # someone breaks it explicitly, and that is audited with the holder it removed.
     r = cli(["lock", "break", "tenant:acme"], dn_cli_env)
     assert r.returncode == 0, r.stderr
     assert "broke the stale lock on tenant:acme held by" in r.stderr
     entry = audit.show(dn_ctx)[-1]
     assert (entry.command, entry.outcome, entry.tenant) == ("lock break", "ok", "acme")
-    assert entry.args["resource"] == "tenant:acme" and entry.args["holder"]["request_id"] == crashed
+    assert entry.args["resource"] == "tenant:acme" and entry.args["holder"]["request_id"] == "req-old"
     assert entry.args["holder"]["command"] == "tenant update"
     with audit.privileged(dn_ctx, "tenant update", {}, tenant="acme"):
         pass
