@@ -123,15 +123,17 @@ def restore(
     """Restore a backup into TARGET: a real restore after a disaster.
 
     Restores into a staging database on the target server, verifies row counts and checks, then
-    renames it to the target's name. Refuses a non-empty target unless --force (the old database
-    is then kept as <name>_replaced_<time>). Audited; when the platform database is the one that
-    was lost, the audit entry is written into the restored database.
+    renames it to the target's name (the old database, if any, renamed away in the same
+    transaction). Refuses a non-empty target unless --force (the old database is then kept as
+    <name>_replaced_<time>), and refuses to swap while any client is connected to the target.
+    Audited; when the target is the platform database itself (or the platform database is gone),
+    the audit entry is written into the database that carries its name afterwards.
     """
     import sys
 
     from dn import audit
     from dn.backup import drill
-    from dn.errors import InvalidInput, Unreachable
+    from dn.errors import DnError, InvalidInput, OperationFailed, Unreachable
 
     c = ctx.obj
     args = {"backup": backup, "target": target, "force": force}
@@ -147,27 +149,52 @@ def restore(
         return drill.restore(c.settings, c.environ, backup_id=backup, target_dsn=target, force=force,
                              confirm=confirm, jobs=jobs, progress=_progress(c))
 
-    entered = False
-    try:
-        with audit.privileged(c, "dr restore", args, lock=["db:dr-restore"]) as op:
-            entered = True
-            out = do()
-            op.args.update({"result": out["result"], "replaced": out.get("replaced")})
-    except Unreachable as e:
-        if entered or e.where != "database":
-            raise
-        # The platform database is gone (the disaster this command exists for): restore, then
-        # audit into the restored database, whose chain continues from the backup.
-        c.err.print(f"platform database unreachable ({e.message}); the restore is audited in the restored database",
-                    soft_wrap=True, markup=False)
-        out = do()
-        from dn import db
-
+    def audit_after(out: dict | None, failure: BaseException | None) -> None:
+        outcome, code = audit.outcome_of(failure) if failure is not None else ("ok", 0)
+        entry = {**args, "result": out["result"] if out else None, "replaced": (out or {}).get("replaced")}
         try:
-            with db.connect_dsn(target, c.settings.database.passfile, application_name="dn dr restore (audit)") as conn:
-                audit.record(c, "dr restore", {**args, "result": out["result"]}, conn=conn)
-        except Exception as err:  # the restore stands; say loudly that it is not audited
-            c.err.print(f"[yellow]warning:[/] the restore was not audited: {err}", soft_wrap=True)
+            audit.record(c, "dr restore", entry, outcome=outcome, exit_code=code)
+        except DnError as err:
+            if failure is None:
+                raise OperationFailed(f"the restore completed but its audit entry could not be written: {err.message}",
+                                      where="audit") from None
+            c.err.print(f"[yellow]warning:[/] the restore was not audited: {err.message}", soft_wrap=True)
+
+    if drill.replaces_platform_database(c.settings, target):
+        # dn's own session on the platform database would keep it from being renamed (and its
+        # locks would stay with the old database): restore holding none (the restore lock is on
+        # the server's maintenance database), then audit into what carries the platform
+        # database's name: the restored database, or the untouched one if the restore failed.
+        try:
+            out = do()
+        except BaseException as e:
+            audit_after(None, e)
+            raise
+        audit_after(out, None)
+    else:
+        entered = False
+        try:
+            # the lock row tells other commands (tenant destroy) that a restore runs; the lock
+            # that serializes restores onto one server is drill.restore's own
+            with audit.privileged(c, "dr restore", args, lock=["db:dr-restore"]) as op:
+                entered = True
+                out = do()
+                op.args.update({"result": out["result"], "replaced": out.get("replaced")})
+        except Unreachable as e:
+            if entered or e.where != "database":
+                raise
+            # The platform database is gone (the disaster this command exists for): restore, then
+            # audit into the restored database, whose chain continues from the backup.
+            c.err.print(f"platform database unreachable ({e.message}); the restore is audited in the restored database",
+                        soft_wrap=True, markup=False)
+            out = do()
+            from dn import db
+
+            try:
+                with db.connect_dsn(target, c.settings.database.passfile, application_name="dn dr restore (audit)") as conn:
+                    audit.record(c, "dr restore", {**args, "result": out["result"]}, conn=conn)
+            except Exception as err:  # the restore stands; say loudly that it is not audited
+                c.err.print(f"[yellow]warning:[/] the restore was not audited: {err}", soft_wrap=True)
     if json:
         c.out_json(out)
     else:

@@ -142,9 +142,10 @@ def _uninterruptible() -> Iterator[None]:
 
 
 # -- fetching ------------------------------------------------------------------------------------
-def key_lookup(ks: keys.KeyStore, store: Store, m: Manifest) -> Callable[[bytes], bytes | None]:
+def find_key(ks: keys.KeyStore, store: Store, m: Manifest) -> bytes:
     """The manifest's data key, from the keystore or, when this machine lacks it, from the escrow
-    copy in the backup region (unlocked with the passphrase). Raises before anything is restored."""
+    copy in the backup region (unlocked with the passphrase); the manifest is not checked here.
+    Raises :class:`crypto.MissingKey`, or the keystore's error (no passphrase, a wrong one)."""
     kid = bytes.fromhex(m.key.id)
     key = ks.lookup(kid)
     if key is None:
@@ -161,6 +162,14 @@ def key_lookup(ks: keys.KeyStore, store: Store, m: Manifest) -> Callable[[bytes]
             hint=None if gone else "restore <data_dir>/backup-keys from where it is kept, with the same passphrase",
             runbook="disaster-recovery#keys-and-passphrase",
         )
+    return key
+
+
+def key_lookup(ks: keys.KeyStore, store: Store, m: Manifest) -> Callable[[bytes], bytes | None]:
+    """The artifacts' key lookup of a backup whose manifest authenticates with its data key
+    (:func:`find_key`); raises :class:`crypto.WrongKey` when it does not, before anything is restored."""
+    kid = bytes.fromhex(m.key.id)
+    key = find_key(ks, store, m)
     try:
         m.verify(key)
     except OperationFailed:
@@ -591,6 +600,76 @@ def status(settings: "Settings", environ: Mapping[str, str], *, max_rpo: timedel
 
 
 # -- a real restore ------------------------------------------------------------------------------
+RESTORE_LOCK = "db:dr-restore"
+
+
+def replaces_platform_database(settings: "Settings", target_dsn: str) -> bool:
+    """Whether ``target_dsn`` names the platform database itself (same server and database as
+    ``database.dsn``, whatever the role): dn must then hold no session on it while it restores."""
+    from dn import db
+
+    def where(dsn: str) -> str:
+        return db.describe_dsn(dsn).split("@", 1)[-1]
+
+    return where(target_dsn) == where(settings.database.dsn)
+
+
+def _lock_server(admin, timeout: float) -> None:
+    """One restore at a time per server. The lock is held by the session on the maintenance
+    database that also swaps the databases: never by one on the target, which would keep the
+    target from being renamed (and whose locks would be left behind with the renamed database)."""
+    from dn import db, locks
+    from dn.errors import Locked
+
+    key = locks.lock_key(RESTORE_LOCK)
+    with db.translate_errors("taking the restore lock"):
+        if db.advisory_lock(admin, key, timeout):
+            return
+        holders = db.advisory_holders(admin, key)
+    raise Locked(f"another restore onto this server is running (database session {', '.join(map(str, holders)) or '?'}); "
+                 f"waited {timeout:g}s", hint="wait for it to finish and rerun", where=RESTORE_LOCK)
+
+
+def _verified_mark(m: Manifest) -> str:
+    return f"dn: verified restore of backup {m.id} (manifest MAC {m.mac[:16]})"
+
+
+def _kept_staging(admin, staging: str, m: Manifest) -> bool:
+    """Whether ``staging`` is the verified restore of exactly this backup, kept by an earlier run
+    whose swap failed (its comment carries the mark, set only after it verified)."""
+    from dn import db
+
+    with db.translate_errors(f"inspecting {staging}"):
+        r = admin.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                          (staging,)).fetchone()
+    return r is not None and r[0] == _verified_mark(m)
+
+
+def _sessions(admin, name: str) -> tuple[int, str]:
+    """(count, application names) of the sessions connected to database ``name``."""
+    n, apps = admin.execute(
+        "SELECT count(*), string_agg(DISTINCT coalesce(nullif(application_name, ''), '?'), ', ')"
+        " FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()
+    return n, apps or ""
+
+
+def _swap(admin, staging: str, target: str, replaced: str | None) -> None:
+    """Rename the target (if any) out of the way and the staging database to the target's name in
+    ONE transaction (PostgreSQL allows ALTER DATABASE ... RENAME in a transaction block): both
+    renames happen, or neither does. Each rename needs its database to have no session at all."""
+    from dn import db
+
+    with db.translate_errors("swapping the restored database in"), admin.transaction():
+        if replaced is not None:
+            n, apps = _sessions(admin, target)
+            if n:
+                raise OperationFailed(f"database {target} has {n} open connection(s) ({apps}); stop dn's services "
+                                      "and every other client of it, then rerun")
+            admin.execute(f"ALTER DATABASE {dump.quote_ident(target)} RENAME TO {dump.quote_ident(replaced)}")
+        admin.execute(f"ALTER DATABASE {dump.quote_ident(staging)} RENAME TO {dump.quote_ident(target)}")
+        admin.execute(f"COMMENT ON DATABASE {dump.quote_ident(target)} IS NULL")
+
+
 def restore(
     settings: "Settings",
     environ: Mapping[str, str],
@@ -609,7 +688,14 @@ def restore(
     The backup is restored into a staging database on the target server and verified (row counts,
     checks); only then is it renamed to the target's name. An existing non-empty target is refused
     unless ``force``; with it, the old database is renamed to ``<name>_replaced_<time>`` (kept).
-    ``confirm(text)`` is asked once the plan is known, before anything changes.
+    Both renames are one transaction, so the target's name never points at nothing. The swap needs
+    the target to have no session: dn's own restore lock is held on the server's maintenance
+    database, and any other client makes the restore stop before anything is renamed.
+
+    A staging database that verified is never dropped: when its swap fails it is kept, marked
+    verified, and the next restore of the same backup checks it again and swaps it in without
+    downloading and restoring again. ``confirm(text)`` is asked once the plan is known, before
+    anything changes.
     """
     from dn import db
 
@@ -629,13 +715,14 @@ def restore(
     own_store = store is None
     workdir = _private_dir(Path(settings.data_dir) / "dr" / "work") / f"restore-{uuid.uuid4().hex[:8]}"
     admin = None
-    created = False
+    created = False  # a staging database of this run that has not verified: dropped on failure
     try:
         with _terminate_as_interrupt():
             store = store or open_store(settings, progress=progress)
             m = store.manifest(backup_id)
             lookup = key_lookup(ks, store, m)
             admin = db.connect_dsn(maintenance, passfile, application_name="dn dr restore")
+            _lock_server(admin, settings.database.lock_timeout)
             with db.translate_errors("inspecting the target"):
                 exists = dump.database_exists(admin, target_db)
             tables = 0
@@ -648,44 +735,61 @@ def restore(
             if tables and not force:
                 raise InvalidInput("--target", f"database {target_db} is not empty ({tables} tables); "
                                    f"--force replaces it (the old one is kept as {replaced})")
+            kept = _kept_staging(admin, staging, m)
             plan = (f"restore backup {m.id} ({m.kind}, snapshot {_iso(m.snapshot_at)}, {sum(m.tables.values())} rows) "
                     f"into {db.describe_dsn(target_dsn)}"
+                    + (f" (the verified restore kept in {staging} by an earlier run, checked again)" if kept else "")
                     + (f"; the current database {target_db} ({tables} tables) is renamed to {replaced}" if exists else ""))
             report["plan"] = plan
             if not confirm(plan):
                 raise OperationFailed("restore cancelled; nothing was changed")
             t0 = time.monotonic()
-            _private_dir(workdir)
-            files = fetch(store, m, lookup, workdir)
-            progress("downloaded, verified and decrypted")
-            dump.drop_database(admin, staging)
-            grantees = []
-            app = db.dsn_user(settings.database.dsn)
-            if app and admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app,)).fetchone():
-                grantees.append(app)
-            dump.create_database(admin, staging, connect_to=grantees)
-            created = True
             staging_dsn = dump.with_dbname(target_dsn, staging)
-            restore_into(m, files, staging_dsn, passfile, jobs=jobs, workdir=workdir)
-            progress(f"restored into {staging}")
-            with db.connect_dsn(staging_dsn, passfile, application_name="dn dr restore (verify)") as c:
-                tables_r, results, failures = verify_restored(c, m, checks)
+            failures: list[str] = []
+            if kept:
+                with db.connect_dsn(staging_dsn, passfile, application_name="dn dr restore (verify)") as c:
+                    tables_r, results, failures = verify_restored(c, m, checks)
+                if failures:
+                    progress(f"{staging}, kept by an earlier run, no longer verifies ({failures[0]}): restoring again")
+                    kept = False
+                else:
+                    progress(f"{staging}, kept verified by an earlier run, verifies again: swapping it in")
+            if not kept:
+                _private_dir(workdir)
+                files = fetch(store, m, lookup, workdir)
+                progress("downloaded, verified and decrypted")
+                dump.drop_database(admin, staging)
+                grantees = []
+                app = db.dsn_user(settings.database.dsn)
+                if app and admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app,)).fetchone():
+                    grantees.append(app)
+                dump.create_database(admin, staging, connect_to=grantees)
+                created = True
+                restore_into(m, files, staging_dsn, passfile, jobs=jobs, workdir=workdir)
+                progress(f"restored into {staging}")
+                with db.connect_dsn(staging_dsn, passfile, application_name="dn dr restore (verify)") as c:
+                    tables_r, results, failures = verify_restored(c, m, checks)
+                report["tables"], report["checks"] = tables_r, results
+                if failures:
+                    raise OperationFailed(f"the restored database failed verification: {'; '.join(failures[:5])}",
+                                          hint="the target was not touched; try an older backup")
+                # COMMENT takes no bind parameter: a literal (the mark is a backup id and hex digits)
+                mark = _verified_mark(m).replace("'", "''")
+                with db.translate_errors(f"marking {staging} verified"):
+                    admin.execute(f"COMMENT ON DATABASE {dump.quote_ident(staging)} IS '{mark}'")
+                created = False  # verified: from here on it is never dropped
             report["tables"], report["checks"] = tables_r, results
-            if failures:
-                raise OperationFailed(f"the restored database failed verification: {'; '.join(failures[:5])}",
-                                      hint="the target was not touched; try an older backup")
-            with db.translate_errors("swapping the restored database in"):
-                if exists:
-                    others = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                           (target_db,)).fetchone()[0]
-                    if others:
-                        raise OperationFailed(
-                            f"database {target_db} has {others} open connection(s); stop dn's services and rerun",
-                            hint="the verified restore is discarded; nothing was changed")
-                    admin.execute(f"ALTER DATABASE {dump.quote_ident(target_db)} RENAME TO {dump.quote_ident(replaced)}")
-                    report["replaced"] = replaced
-                admin.execute(f"ALTER DATABASE {dump.quote_ident(staging)} RENAME TO {dump.quote_ident(target_db)}")
-                created = False
+            try:
+                _swap(admin, staging, target_db, replaced if exists else None)
+            except DnError as e:
+                raise OperationFailed(
+                    f"the restored database could not be swapped in, and nothing was renamed: {e.message}",
+                    hint=f"the verified restore is kept as {staging} ({target_db} is "
+                         + ("unchanged" if exists else "still missing")
+                         + "); fix that and rerun the same `dn dr restore`: it checks the kept copy again and "
+                         "swaps it in without downloading", runbook="disaster-recovery") from None
+            if exists:
+                report["replaced"] = replaced
             report["rto_seconds"] = round(time.monotonic() - t0, 3)
             report["result"] = "restored"
             return report

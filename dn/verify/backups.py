@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+from dn.errors import OperationFailed, Unreachable
 from dn.verify.core import Status, Unknown, plural
 
 if TYPE_CHECKING:
@@ -35,16 +36,32 @@ def _hours(td: timedelta) -> str:
 # backup.fresh
 # --------------------------------------------------------------------------------------------
 def check_fresh(probe: "Probe") -> tuple[Status, list[str]]:
+    """The newest platform backup is at most 24 h old, its artifacts match the manifest, and the
+    manifest authenticates with its data key (as a drill requires). A backup directory newer than
+    it whose manifest cannot be read fails the check: it may well be the newest platform backup
+    (its kind is in that manifest), and a drill of it would fail. A data key this machine cannot
+    have leaves the authenticity unknown, never passed."""
     listings = probe.backups()
     platform = _platform(listings)
+    damaged = [lst for lst in listings if lst.manifest is None and lst.error]
+    incomplete = [lst for lst in listings if lst.manifest is None and not lst.error]
     region = f"{probe.settings.backup.region} ({probe.settings.backup.address})" if probe.settings.backup else "?"
     ev = [f"second region {region}: {plural(len(platform), 'platform backup')}, "
-          f"{plural(sum(1 for lst in listings if lst.manifest is None), 'incomplete upload')}"]
-    if not platform:
-        return Status.FAIL, ["no platform backup in the second region"] + ev
-    newest = platform[-1]
-    m = newest.manifest
+          f"{plural(len(incomplete), 'incomplete upload')}, {plural(len(damaged), 'unreadable manifest')}"]
+    newest = platform[-1] if platform else None
     fails = []
+    for lst in damaged:
+        if newest is None or lst.id > newest.id:
+            fails.append(f"the newest backup {lst.id} is damaged (newer than every readable platform backup): "
+                         f"its manifest cannot be read ({lst.error})")
+        else:
+            ev.append(f"backup {lst.id}: its manifest cannot be read ({lst.error})")
+    for lst in incomplete:
+        if newest is None or lst.id > newest.id:
+            ev.append(f"backup {lst.id}: no manifest (an upload in progress or one that never finished)")
+    if newest is None:
+        return Status.FAIL, fails + ["no platform backup in the second region"] + ev
+    m = newest.manifest
     age = probe.now - newest.created
     line = f"newest platform backup {newest.id}: snapshot {newest.created:%Y-%m-%d %H:%M} UTC, {_hours(age)} old"
     if age > MAX_AGE:
@@ -52,26 +69,39 @@ def check_fresh(probe: "Probe") -> tuple[Status, list[str]]:
     else:
         ev.append(line)
     for a in m.artifacts:
-        size, digest = probe.artifact_sha256(newest.id, a.name)
+        try:
+            size, digest = probe.artifact_sha256(newest.id, a.name)
+        except Unreachable:
+            raise
+        except OperationFailed as e:  # missing or unreadable in a region that answers
+            fails.append(f"{newest.id}/{a.name}: cannot be read: {e.message}")
+            continue
         if size != a.size:
             fails.append(f"{newest.id}/{a.name}: {size} bytes stored, the manifest says {a.size}")
         elif digest != a.sha256:
             fails.append(f"{newest.id}/{a.name}: SHA-256 {digest[:16]}… differs from the manifest's {a.sha256[:16]}…")
         else:
             ev.append(f"{newest.id}/{a.name}: {size} bytes, SHA-256 matches the manifest ({digest[:16]}…)")
-    key = probe.backup_key(m)
-    if key is None:
-        ev.append("manifest authenticity (MAC) not checked: its data key cannot be unlocked on this machine")
+    unverified = None
+    try:
+        key = probe.backup_key(m)
+    except Unknown as e:
+        unverified = f"manifest MAC of {newest.id} not checked, its data key cannot be had here: {e}"
     else:
         try:
             m.verify(key)
             ev.append(f"manifest MAC verifies with key {m.key.id[:8]}…")
-        except Exception:
-            fails.append(f"{newest.id}: the manifest does not authenticate with its data key (changed after the backup)")
+        except OperationFailed:
+            fails.append(f"{newest.id}: the manifest does not authenticate with its data key {m.key.id[:8]}… "
+                         "(changed after the backup was made, or not made with this key): a drill refuses it")
     if newest.drill:
         ev.append(f"last drill on this backup: {newest.drill.get('result', 'ok' if newest.drill.get('ok') else 'failed')}"
                   f" at {newest.drill.get('at', '?')}")
-    return (Status.FAIL if fails else Status.PASS), fails + ev
+    if fails:
+        return Status.FAIL, fails + ev
+    if unverified:
+        raise Unknown(unverified, ev)
+    return Status.PASS, ev
 
 
 # --------------------------------------------------------------------------------------------

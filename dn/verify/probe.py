@@ -493,18 +493,19 @@ class Probe:
             reader.close()
         return n, h.hexdigest()
 
-    def backup_key(self, manifest) -> bytes | None:
-        """The data key of a backup (keystore or the region's escrow), or None when this machine
-        cannot unlock it (no passphrase here)."""
+    def backup_key(self, manifest) -> bytes:
+        """The data key of a backup (keystore or the region's escrow), as a drill finds it; the
+        caller authenticates the manifest with it. Raises Unknown, naming why, when this machine
+        cannot have the key (no passphrase here, a passphrase that does not unlock it, a key in
+        neither place, the region unreadable): only the key's availability is judged here."""
         from dn.backup import keys
-        from dn.backup.drill import key_lookup
+        from dn.backup.drill import find_key
 
         try:
             ks = keys.keystore(self.settings, self.environ)
-            lookup = key_lookup(ks, self.backup_store(), manifest)
-            return lookup(bytes.fromhex(manifest.key.id))
-        except DnError:
-            return None
+            return find_key(ks, self.backup_store(), manifest)
+        except DnError as e:
+            raise Unknown(e.message) from None
 
     def drill_history(self) -> list[dict]:
         from dn.backup import drill
