@@ -129,6 +129,8 @@ def translate_errors(what: str) -> Iterator[None]:
                               hint="run `dn db init`", where="database") from None
     except pgerrors.InsufficientPrivilege as e:
         raise OperationFailed(f"{what}: refused by the database: {_first_line(e)}", where="database") from None
+    except pgerrors.ObjectInUse as e:  # an OperationalError, but the connection is fine
+        raise OperationFailed(f"{what}: refused by the database: {_first_line(e)}", where="database") from None
     except psycopg.OperationalError as e:
         raise Unreachable(f"{what}: lost the database connection: {_first_line(e)}", where="database",
                           hint="check the database and rerun") from None

@@ -80,7 +80,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("backup.fresh",
           "A daily pg_dump to a second EU region … RPO 24h",
           "the newest platform backup in the second region is at most 24 h old; each artifact's size and SHA-256 "
-          "read back from the region match its manifest, and the manifest's MAC verifies when its key is at hand",
+          "read back from the region match its manifest, and the manifest's MAC verifies with its data key "
+          "(UNKNOWN when this machine cannot have the key); a newer backup whose manifest cannot be read fails",
           backups.check_fresh),
     Claim("backup.retention",
           "30-day retention",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dn.backup import drill, keys, run
-from dn.errors import InvalidInput
+from dn.errors import ExitCode, InvalidInput
 from tests.integration.test_backup import PASSPHRASE, bk, cheap_scrypt, generate, table_rows  # noqa: F401
 
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]
@@ -248,4 +248,126 @@ def test_crashed_drill_leftovers_are_dropped_by_the_next_drill(bk, pg_super):
     report = drill.run_drill(settings, env, progress=said.append, notify=False)
     assert report["result"] == "passed"
     assert any("dn_drill_19990101t000000z_abcdef" in s for s in said)
+    assert scratch_dbs(pg_super) == []
+
+
+# -- the swap of a real restore -------------------------------------------------------------------
+def _databases(pg_super, prefix: str) -> list[str]:
+    return [r[0] for r in pg_super.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1",
+                                           (prefix.replace("_", "\\_") + "%",)).fetchall()]
+
+
+def _has_table(pg_cluster, dbname: str, table: str) -> bool:
+    from dn import db
+
+    with db.connect_dsn(pg_cluster.dsn("postgres", dbname), pg_cluster.passfile) as c:
+        return c.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+
+def test_a_failed_second_rename_leaves_the_target_and_keeps_the_verified_restore(bk, pg_super, pg_cluster):
+    """The second rename of the swap fails for real (a client sits in the staging database):
+    nothing is renamed, the old database keeps its name, the verified staging copy is kept, and
+    a rerun swaps that copy in without restoring again."""
+    from dn import db
+    from dn.errors import OperationFailed
+
+    settings, env = bk
+    generate(pg_super, tenants=2, events=50)
+    m = run.run_backup(settings, env)
+    name = f"dn_swap_{os.getpid()}"
+    target = pg_cluster.dsn("dn_owner", name)
+    staging = "dn_restore_" + m.id.lower().replace("-", "_")
+    blockers = []
+
+    def sit_in_staging(msg: str) -> None:
+        if msg == f"restored into {staging}":
+            blockers.append(db.connect_dsn(pg_cluster.dsn("postgres", staging), pg_cluster.passfile))
+
+    try:
+        drill.restore(settings, env, backup_id=m.id, target_dsn=target)
+        with db.connect_dsn(pg_cluster.dsn("postgres", name), pg_cluster.passfile) as c:
+            c.execute("CREATE TABLE the_old_one (x int)")  # tells the old database from a restored one
+        with pytest.raises(OperationFailed, match="could not be swapped in, and nothing was renamed") as ei:
+            drill.restore(settings, env, backup_id=m.id, target_dsn=target, force=True, progress=sit_in_staging)
+        assert "being accessed by other users" in ei.value.message and blockers
+        assert "lost the database connection" not in ei.value.message
+        assert f"kept as {staging}" in ei.value.hint
+        # the first rename was rolled back with the second: the old database still has its name
+        assert _databases(pg_super, name) == [name] and _has_table(pg_cluster, name, "the_old_one")
+        assert staging in scratch_dbs(pg_super)  # verified, so never dropped
+        for b in blockers:
+            b.close()
+        said = []
+        out = drill.restore(settings, env, backup_id=m.id, target_dsn=target, force=True, progress=said.append)
+        assert out["result"] == "restored" and any("kept verified by an earlier run" in s for s in said), said
+        assert not any(s.startswith("downloaded") for s in said)  # the kept copy was swapped in as it was
+        assert not _has_table(pg_cluster, name, "the_old_one") and _has_table(pg_cluster, out["replaced"], "the_old_one")
+        with db.connect_dsn(pg_cluster.dsn("postgres", name), pg_cluster.passfile) as c:
+            assert table_rows(c, "events") == table_rows(pg_super, "events")
+            assert c.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database"
+                             " WHERE datname = current_database()").fetchone()[0] is None
+        assert scratch_dbs(pg_super) == []
+    finally:
+        for b in blockers:
+            b.close()
+        for d in _databases(pg_super, name) + [d for d in scratch_dbs(pg_super) if d == staging]:
+            pg_super.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
+
+
+@pytest.fixture
+def live(bk, pg_super, pg_cluster, tmp_path):
+    """A platform database of its own (restored from a backup of the test database) and the `dn`
+    command configured with it as its platform database."""
+    from tests.fixtures.postgres import to_toml
+
+    settings, env = bk
+    generate(pg_super, tenants=2, events=40)
+    m = run.run_backup(settings, env)
+    name = f"dn_live_{os.getpid()}"
+    pg_super.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drill.restore(settings, env, backup_id=m.id, target_dsn=pg_cluster.dsn("dn_owner", name))
+    data = json.loads(settings.model_dump_json(exclude={"source"}))
+    data["database"].update(dsn=pg_cluster.dsn("dn", name), admin_dsn=pg_cluster.dsn("dn_owner", name))
+    cfg = tmp_path / "dn-live.toml"
+    cfg.write_text(to_toml(data) + "\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DN_") and k not in ("CI", "GITHUB_ACTIONS")}
+    base.update({"DN_CONFIG": str(cfg), "DN_HOME": str(settings.data_dir), "DN_PASSPHRASE": PASSPHRASE})
+    dn_bin = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "dn")
+
+    def dn(*argv):
+        return subprocess.run([dn_bin, *argv], capture_output=True, text=True, env=base, stdin=subprocess.DEVNULL,
+                              timeout=300)
+
+    yield dn, m, name
+    for (d,) in pg_super.execute("SELECT datname FROM pg_database WHERE datname LIKE %s OR datname LIKE 'dn\\_restore\\_%%'",
+                                 (name.replace("_", "\\_") + "%",)).fetchall():
+        pg_super.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
+
+
+def test_force_onto_the_live_platform_database(live, pg_super, pg_cluster):
+    """`dn dr restore --force` onto the platform database dn itself runs on: refused (nothing
+    renamed, audited as failed) while another client is connected; done when only dn is, with
+    the entry audited into the restored database."""
+    from dn import db
+
+    dn, m, name = live
+    target = pg_cluster.dsn("dn_owner", name)
+    other = db.connect_dsn(pg_cluster.dsn("postgres", name), pg_cluster.passfile, application_name="someone else")
+    try:
+        r = dn("dr", "restore", "--backup", m.id, "--target", target, "--force", "--yes")
+        assert r.returncode == ExitCode.FAILED, r.stderr
+        assert f"database {name} has 1 open connection(s) (someone else)" in r.stderr, r.stderr
+        assert _databases(pg_super, name) == [name]
+        assert other.execute("SELECT command, outcome FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone() == \
+            ("dr restore", "failed")
+    finally:
+        other.close()
+    r = dn("dr", "restore", "--backup", m.id, "--target", target, "--force", "--yes")
+    assert r.returncode == 0, r.stderr
+    (replaced,) = [d for d in _databases(pg_super, name) if d != name]
+    assert f"the previous database is kept as {replaced}" in r.stdout
+    with db.connect_dsn(pg_cluster.dsn("postgres", name), pg_cluster.passfile) as c:
+        assert c.execute("SELECT command, outcome FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone() == \
+            ("dr restore", "ok")
+        assert table_rows(c, "events") == table_rows(pg_super, "events")
     assert scratch_dbs(pg_super) == []
