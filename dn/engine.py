@@ -14,14 +14,28 @@ return an :class:`Outcome`. Pulumi's failures become dn errors: a held stack loc
 :class:`~dn.errors.Locked` (exit 5), a missing plugin names the plugin and points at ``dn setup``,
 anything else is :class:`~dn.errors.OperationFailed` carrying the engine's own error lines, with
 every known secret value scrubbed.
+
+A stack lock left in the file backend by a Pulumi CLI that died (``.pulumi/locks/<org>/dn/<stack>/
+<id>.json``: pid, user, host name, time) is taken over when its holder is provably dead (this
+machine and its pid gone or reused, or older than ``database.lock_stale_after``) and the caller
+passed ``on_lock_takeover``, which writes the audit entry; a live holder's lock is never removed.
+
+``destroy(remove=True)`` removes the stack with every copy of its state: ``pulumi stack rm
+--remove-backups`` (stack file, ``.bak``, backups, history), then whatever of the stack's own paths
+is still in a file backend, and its work dir (config and salt); it then searches the backend and
+the work dirs for any file naming the stack or holding one of its ciphertexts or its salt, and
+returns what it removed and checked (:class:`Purge`).
 """
 from __future__ import annotations
 
 import enum
 import functools
 import gc
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -83,6 +97,8 @@ class Outcome:
     outputs: dict[str, Any] = field(default_factory=dict)
     secret_outputs: list[str] = field(default_factory=list)
     stdout: str = ""
+    purge: "Purge | None" = None
+    lock_takeovers: list["StackLock"] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
@@ -224,11 +240,13 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     except DnError:
         raise
     except auto_errors.ConcurrentUpdateError:
-        raise Locked(
-            f"{op}: another update holds the stack's lock",
-            hint=f"wait for it to finish; if none is running (a crashed run), `pulumi cancel --yes "
-                 f"--stack {stack_name}` with dn's engine environment removes the stale lock",
-            where=where,
+        held = stack_locks(env.get("PULUMI_BACKEND_URL", ""), stack_name)
+        who = "; ".join(lk.describe() for lk in held) or "a run dn cannot see (not a file backend)"
+        raise StackLocked(
+            f"{op}: another update holds the stack's lock: {who}",
+            hint="wait for it to finish and rerun; a lock whose holder is provably dead (on this machine with its "
+                 "pid gone, or older than database.lock_stale_after) is taken over by the rerun of a dn command",
+            where=where, locks=held,
         ) from None
     except auto_errors.StackNotFoundError:
         raise InvalidInput("stack", f"no stack named {stack_name!r} in the state backend", where=where) from None
@@ -260,6 +278,264 @@ def _mapped(op: str, stack_name: str, env: Mapping[str, str]) -> Iterator[None]:
     except FileNotFoundError as e:
         raise OperationFailed(f"{op}: {e.filename or 'pulumi'} not found", where=where,
                               hint="run `dn setup`") from None
+
+
+class StackLocked(Locked):
+    """Pulumi's lock on a stack is held (by ``locks``, as read from a file backend; empty when the
+    backend cannot be read)."""
+
+    def __init__(self, message: str, *, locks: list["StackLock"], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.locks = locks
+
+
+# ---------------------------------------------------------------------------------------------
+# the file backend: stack locks, and every copy of a stack's state
+
+
+def backend_dir(backend_url: str) -> Path | None:
+    """The directory of a ``file://`` state backend (None for object storage or a service)."""
+    return Path(backend_url[len("file://"):]) if backend_url.startswith("file://") else None
+
+
+@dataclass(frozen=True)
+class StackLock:
+    """One lock file of a stack in a file backend, as Pulumi wrote it (pid, user, host, time)."""
+
+    path: str
+    pid: int
+    username: str
+    hostname: str
+    timestamp: str
+    at: float | None  # the timestamp as a Unix time (None: unreadable)
+
+    def describe(self) -> str:
+        return f"{self.username}@{self.hostname} (pid {self.pid}) since {self.timestamp}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "pid": self.pid, "username": self.username, "hostname": self.hostname,
+                "timestamp": self.timestamp}
+
+    def dead(self, stale_after: float | None, now: float | None = None) -> str | None:
+        """Why this lock's holder is provably dead, or None (alive, or not provably dead)."""
+        from dn import locks
+
+        if self.at is None:
+            return None
+        gone = locks.process_gone(self.hostname, self.pid, since=self.at)
+        if gone:
+            return gone
+        if self.hostname == socket.gethostname():
+            return None  # a process of this machine with that pid runs, and it is not younger than the lock
+        age = (now if now is not None else time.time()) - self.at
+        if stale_after is not None and age > stale_after:
+            return (f"its holder runs on another machine ({self.hostname}) and the lock is {int(age)}s old "
+                    f"(database.lock_stale_after: {int(stale_after)}s)")
+        return None
+
+
+def _go_time(text: str) -> float | None:
+    """A Go RFC 3339 time (nanoseconds, Z or an offset) as a Unix time."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text or "")
+    if not m:
+        return None
+    frac = (m.group(2) or "0")[:6].ljust(6, "0")
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        return datetime.fromisoformat(f"{m.group(1)}.{frac}{tz}").timestamp()
+    except ValueError:
+        return None
+
+
+def _stack_lock_dirs(root: Path, name: str) -> list[Path]:
+    # .pulumi/locks/<org>/<project>/<stack>/ (project-scoped layout; the org is "organization")
+    return sorted(p for p in (root / ".pulumi" / "locks").glob(f"*/{PROJECT}/{name}") if p.is_dir())
+
+
+def stack_locks(backend_url: str, name: str) -> list[StackLock]:
+    """The lock files of stack ``name`` in a file backend (none for other backends). A file that
+    cannot be read or parsed is listed with no time, so it is never judged dead."""
+    root = backend_dir(backend_url)
+    if root is None or not STACK_NAME_RE.match(name):
+        return []
+    out = []
+    for d in _stack_lock_dirs(root, name):
+        for f in sorted(d.glob("*.json")):
+            try:
+                data = json.loads(f.read_text())
+                out.append(StackLock(str(f), int(data["pid"]), str(data["username"]), str(data["hostname"]),
+                                     str(data["timestamp"]), _go_time(str(data["timestamp"]))))
+            except (OSError, ValueError, KeyError, TypeError):
+                out.append(StackLock(str(f), 0, "?", "?", "?", None))
+    return out
+
+
+OnLockTakeover = Callable[["StackLock", str], None]
+
+
+def take_over_dead_locks(backend_url: str, name: str, on_takeover: OnLockTakeover,
+                         stale_after: float | None) -> list[StackLock]:
+    """Remove the stack's lock files when every one of them has a provably dead holder
+    (``on_takeover`` is called for each before its file goes: it writes the audit entry).
+    Returns what was removed: nothing when any holder may be alive (then nothing is touched)."""
+    held = stack_locks(backend_url, name)
+    reasons = [lk.dead(stale_after) for lk in held]
+    if not held or any(r is None for r in reasons):
+        return []
+    for lk, why in zip(held, reasons):
+        assert why is not None
+        on_takeover(lk, why)
+        Path(lk.path).unlink(missing_ok=True)
+        # the file bucket keeps a key's metadata beside it (gocloud fileblob); its Delete removes both
+        Path(lk.path + ".attrs").unlink(missing_ok=True)
+    return held
+
+
+@dataclass
+class Purge:
+    """What removing a stack left behind (nothing, when it worked) and what was checked."""
+
+    stack: str
+    backend: str
+    removed: list[str] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+    files_searched: int = 0
+    markers: int = 0
+    remaining: list[str] = field(default_factory=list)
+    checked: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stack": self.stack, "backend": self.backend, "removed": self.removed, "searched": self.searched,
+                "files_searched": self.files_searched, "ciphertexts_and_salts_searched_for": self.markers,
+                "remaining": self.remaining, "checked": self.checked, "note": self.note}
+
+
+# A passphrase-provider ciphertext or salt: "v1:<base64 nonce or salt>:<base64 ...>"
+_CIPHERTEXT_RE = re.compile(r"v1:[A-Za-z0-9+/=]{8,}:[A-Za-z0-9+/=:]{8,}")
+
+
+def _own_paths(root: Path | None, work_root: Path, name: str) -> list[Path]:
+    """Every path that belongs to stack ``name`` alone: its state file and siblings
+    (``<name>.json``, ``.json.bak``, ``.pulumi-tags``, ...), backups, history, lock dir, work dir."""
+    out: list[Path] = []
+    if root is not None:
+        meta = root / ".pulumi"
+        out += sorted(p for p in (meta / "stacks" / PROJECT).glob(f"{name}.*") if _names(p.name, name))
+        out += [meta / "backups" / PROJECT / name, meta / "history" / PROJECT / name]
+        out += _stack_lock_dirs(root, name)
+    out.append(work_root / name)
+    return [p for p in out if p.exists() or p.is_symlink()]
+
+
+def _names(filename: str, name: str) -> bool:
+    """Whether a file name is one of stack ``name``'s (``acme.json``, ``acme.json.bak``,
+    ``acme.1733111111.json``, ``acme-1733111111.checkpoint.json``), not another stack's
+    (``acme-two.json``)."""
+    return filename == name or re.match(rf"^{re.escape(name)}(\.|-\d+\.)", filename) is not None
+
+
+def _markers(paths: list[Path]) -> set[str]:
+    found: set[str] = set()
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            try:
+                found.update(_CIPHERTEXT_RE.findall(f.read_text(errors="replace")))
+            except OSError:
+                continue
+    return found
+
+
+def _search(dirs: list[Path], name: str, markers: set[str]) -> tuple[int, list[str]]:
+    """(files searched, files that name stack ``name`` or hold one of ``markers``) under ``dirs``."""
+    n, hits = 0, []
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for f in sorted(d.rglob("*")):
+            if not f.is_file():
+                continue
+            if any(_names(part, name) for part in f.relative_to(d).parts):
+                hits.append(str(f))
+                continue
+            n += 1
+            if not markers:
+                continue
+            try:
+                text = f.read_text(errors="replace")
+            except OSError as e:
+                hits.append(f"{f} (unreadable: {e.strerror})")
+                continue
+            if any(m in text for m in markers):
+                hits.append(str(f))
+    return n, hits
+
+
+def stack_copies(backend_url: str, work_root: Path, name: str) -> list[str] | None:
+    """Files in a file backend or under ``work_root`` that name stack ``name`` (read only; None
+    when the backend is not a directory dn can list)."""
+    root = backend_dir(backend_url)
+    if root is None or not STACK_NAME_RE.match(name):
+        return None
+    return _search([root, work_root], name, set())[1]
+
+
+def purge_stack(backend_url: str, work_root: Path, name: str, *, markers: set[str] | None = None) -> Purge:
+    """Remove what is left of a removed stack ``name``: its own paths in a file backend and its work
+    dir, then search the whole backend and ``work_root`` for any file naming the stack or holding
+    one of its ciphertexts or salts (``markers``, plus those found in what is removed now).
+    Restricted to the stack's own paths: another stack's files are never touched."""
+    if not STACK_NAME_RE.match(name):
+        raise InvalidInput("stack", f"{name!r} must match {STACK_NAME_RE.pattern}")
+    root = backend_dir(backend_url)
+    pg = Purge(name, backend_url)
+    own = _own_paths(root, work_root, name)
+    found = set(markers or ()) | _markers(own)
+    if root is not None and any(p.is_file() for d in _stack_lock_dirs(root, name) for p in d.glob("*.json")):
+        raise StackLocked(f"purge: stack {name} is locked; nothing was removed", where=f"stack {name}",
+                          locks=stack_locks(backend_url, name), hint="rerun the same command")
+    for p in own:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        pg.removed.append(str(p))
+    search = ([root] if root is not None else []) + [work_root]
+    pg.searched = [str(d) for d in search]
+    pg.markers = len(found)
+    pg.files_searched, pg.remaining = _search(search, name, found)
+    pg.checked = root is not None
+    if root is None:
+        pg.note = ("object storage / service backend: pulumi stack rm --remove-backups removed the stack file, its "
+                   ".bak, backups and history there; dn cannot list that backend, so only the work dirs were "
+                   "searched")
+    return pg
+
+
+def _stack_rm(st: "auto.Stack") -> None:
+    """``pulumi stack rm --yes --remove-backups``: the stack with its .bak, backups and history
+    (the Automation API's remove_stack keeps the backups and a .bak of the state)."""
+    ws = st.workspace
+    env = {**({"PULUMI_HOME": ws.pulumi_home} if ws.pulumi_home else {}), **(ws.env_vars or {})}
+    ws.pulumi_command.run(["stack", "rm", "--yes", "--remove-backups", st.name], ws.work_dir, env)
+
+
+def _with_lock_takeover(st: "auto.Stack", op: str, fn: Callable[[], Any], on_lock_takeover: OnLockTakeover | None,
+                        stale_after: float | None) -> tuple[Any, list[StackLock]]:
+    """Run ``fn`` (one engine operation); if the stack's lock is held and every holder is provably
+    dead, take the locks over (audited by ``on_lock_takeover``) and run it once more."""
+    env = _env_of(st)
+    try:
+        with _mapped(op, st.name, env):
+            return fn(), []
+    except StackLocked:
+        if on_lock_takeover is None:
+            raise
+        taken = take_over_dead_locks(env.get("PULUMI_BACKEND_URL", ""), st.name, on_lock_takeover, stale_after)
+        if not taken:
+            raise
+    with _mapped(op, st.name, env):
+        return fn(), taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,12 +626,13 @@ def stack_info(st: "auto.Stack") -> dict[str, Any]:
     return info
 
 
-def up(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Outcome:
+def up(st: "auto.Stack", on_event: OnEvent | None = None, *, on_lock_takeover: OnLockTakeover | None = None,
+       stale_after: float | None = None, **kw: Any) -> Outcome:
     """Apply the program: create, update and delete until the stack matches it."""
-    with _mapped("up", st.name, _env_of(st)):
-        res = st.up(on_event=on_event, color="never", show_secrets=False, **kw)
+    res, taken = _with_lock_takeover(st, "up", lambda: st.up(on_event=on_event, color="never", show_secrets=False,
+                                                             **kw), on_lock_takeover, stale_after)
     outs, secret = _outputs(res.outputs)
-    return Outcome("up", st.name, _changes(res.summary), outs, secret, res.stdout)
+    return Outcome("up", st.name, _changes(res.summary), outs, secret, res.stdout, lock_takeovers=taken)
 
 
 def preview(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Outcome:
@@ -365,26 +642,42 @@ def preview(st: "auto.Stack", on_event: OnEvent | None = None, **kw: Any) -> Out
     return Outcome("preview", st.name, _changes(res.change_summary), stdout=res.stdout)
 
 
-def refresh(st: "auto.Stack", on_event: OnEvent | None = None, *, preview_only: bool = False, **kw: Any) -> Outcome:
+def refresh(st: "auto.Stack", on_event: OnEvent | None = None, *, preview_only: bool = False,
+            on_lock_takeover: OnLockTakeover | None = None, stale_after: float | None = None, **kw: Any) -> Outcome:
     """Read every resource back from where it lives and record what changed behind dn's back.
 
     ``preview_only`` reports the drift without writing it into the state.
     """
-    with _mapped("refresh", st.name, _env_of(st)):
-        if preview_only:
+    if preview_only:
+        with _mapped("refresh", st.name, _env_of(st)):
             res = st.preview_refresh(on_event=on_event, color="never", **kw)
-            return Outcome("refresh", st.name, _changes(res.change_summary), stdout=res.stdout)
-        res = st.refresh(on_event=on_event, color="never", show_secrets=False, **kw)
-    return Outcome("refresh", st.name, _changes(res.summary), stdout=res.stdout)
+        return Outcome("refresh", st.name, _changes(res.change_summary), stdout=res.stdout)
+    res, taken = _with_lock_takeover(st, "refresh", lambda: st.refresh(on_event=on_event, color="never",
+                                                                       show_secrets=False, **kw),
+                                     on_lock_takeover, stale_after)
+    return Outcome("refresh", st.name, _changes(res.summary), stdout=res.stdout, lock_takeovers=taken)
 
 
-def destroy(st: "auto.Stack", on_event: OnEvent | None = None, *, remove: bool = False, **kw: Any) -> Outcome:
-    """Delete every resource of the stack; ``remove`` also deletes the stack and its history."""
-    with _mapped("destroy", st.name, _env_of(st)):
+def destroy(st: "auto.Stack", on_event: OnEvent | None = None, *, remove: bool = False,
+            on_lock_takeover: OnLockTakeover | None = None, stale_after: float | None = None, **kw: Any) -> Outcome:
+    """Delete every resource of the stack; ``remove`` also deletes the stack with every copy of its
+    state (history, backups, .bak files, work dir) and checks that none is left (``Outcome.purge``)."""
+    backend = _env_of(st).get("PULUMI_BACKEND_URL", "")
+    work = Path(st.workspace.work_dir)
+
+    def run() -> Any:
+        # the ciphertexts and salt are read before any file holding them is rewritten or removed
+        markers = _markers(_own_paths(backend_dir(backend), work.parent, st.name)) if remove else None
         res = st.destroy(on_event=on_event, color="never", show_secrets=False, **kw)
         if remove:
-            st.workspace.remove_stack(st.name)
-    return Outcome("destroy", st.name, _changes(res.summary), stdout=res.stdout)
+            _stack_rm(st)
+        return res, markers
+
+    (res, markers), taken = _with_lock_takeover(st, "destroy", run, on_lock_takeover, stale_after)
+    out = Outcome("destroy", st.name, _changes(res.summary), stdout=res.stdout, lock_takeovers=taken)
+    if remove:
+        out.purge = purge_stack(backend, work.parent, st.name, markers=markers)
+    return out
 
 
 def event_dict(event: Any) -> Any:

@@ -641,10 +641,11 @@ class RunResult:
     outputs: dict[str, Any] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     error: DnError | None = None
+    purge: dict[str, Any] | None = None  # destroy: what of the stack's state was removed and checked
 
     def to_dict(self) -> dict[str, Any]:
         return {"stack": self.stack, "op": self.op, "changes": self.changes, "outputs": self.outputs,
-                "error": str(self.error) if self.error else None}
+                "error": str(self.error) if self.error else None, "purge": self.purge}
 
 
 def _collector(events: list[dict], on_event: OnEvent | None) -> Callable[[Any], None]:
@@ -661,31 +662,47 @@ def _collector(events: list[dict], on_event: OnEvent | None) -> Callable[[Any], 
     return collect
 
 
+def _lock_takeover(ctx: "Context | None", stack: str, op: str) -> Callable[[Any, str], None] | None:
+    """The audit of taking over Pulumi's lock on ``stack`` from a provably dead holder (None: no
+    takeover, a held lock stays an error)."""
+    if ctx is None:
+        return None
+    from dn import audit
+
+    where = ({"host": stack[len(HOST_STACK_PREFIX):]} if stack.startswith(HOST_STACK_PREFIX) else {"tenant": stack})
+
+    def took(lock: Any, why: str) -> None:
+        audit.record_takeover(ctx, f"stack:{stack}", lock.to_dict(), why, op, **where)
+
+    return took
+
+
 def run_stack(settings: "Settings", st: Any, op: str, *, on_event: OnEvent | None = None,
-              policy: bool = True, events: list[dict] | None = None) -> RunResult:
+              policy: bool = True, events: list[dict] | None = None, ctx: "Context | None" = None) -> RunResult:
     """Run ``op`` (up / preview / refresh / refresh-preview / destroy) on an open stack, collecting
     its events into ``events`` (kept by the caller also when the run raises); the policy pack
-    gates up and preview."""
+    gates up and preview. With ``ctx`` (a caller holding the stack's dn lock), Pulumi's stack lock
+    left by a provably dead run is taken over, audited. ``destroy`` removes the stack with every
+    copy of its state and its work dir (``RunResult.purge`` says what was removed and checked)."""
     from dn import engine
 
     res = RunResult(st.name, op, events=events if events is not None else [])
     cb = _collector(res.events, on_event)
     kw = _policy_args(settings) if policy and op in ("up", "preview") else {}
+    takeover = {"on_lock_takeover": _lock_takeover(ctx, st.name, op),
+                "stale_after": settings.database.lock_stale_after}
     if op == "up":
-        out = engine.up(st, on_event=cb, **kw)
+        out = engine.up(st, on_event=cb, **takeover, **kw)
         res.outputs = out.outputs
     elif op == "preview":
         out = engine.preview(st, on_event=cb, **kw)
     elif op == "refresh":
-        out = engine.refresh(st, on_event=cb)
+        out = engine.refresh(st, on_event=cb, **takeover)
     elif op == "refresh-preview":
         out = engine.refresh(st, on_event=cb, preview_only=True)
     elif op == "destroy":
-        out = engine.destroy(st, on_event=cb, remove=True)
-        # the work dir holds the stack's (encrypted) config: with the stack gone it has no use
-        import shutil
-
-        shutil.rmtree(engine.stack_work_dir(settings, st.name), ignore_errors=True)
+        out = engine.destroy(st, on_event=cb, remove=True, **takeover)
+        res.purge = out.purge.to_dict() if out.purge else None
     else:
         raise ValueError(op)
     res.changes = out.changes
@@ -741,7 +758,7 @@ def create(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
             plan.docker_backend = docker_backend(settings, ctx.environ)
         st = tenant_stack(settings, plan.spec, plan.others, ctx.environ, host=plan.host.name)
         op.args["secrets_written"] = ensure_secrets(settings, st, _read_container_config(req))
-        result = run_stack(settings, st, "up", on_event=on_event)
+        result = run_stack(settings, st, "up", on_event=on_event, ctx=ctx)
         op.args["changes"] = result.changes
     return plan, result
 
@@ -778,7 +795,7 @@ def update(ctx: "Context", req: TenantRequest, *, dry_run: bool = False, on_even
                 _write_spec(conn, plan.before.id, plan.spec)
         st = tenant_stack(settings, plan.spec, plan.others, ctx.environ, host=plan.host.name)
         ensure_secrets(settings, st, _read_container_config(req))
-        result = run_stack(settings, st, "up", on_event=on_event)
+        result = run_stack(settings, st, "up", on_event=on_event, ctx=ctx)
         op.args["changes"] = result.changes
     return plan, result
 
@@ -899,7 +916,7 @@ def destroy_stack(ctx: "Context", spec: TenantSpec, others: Sequence[TenantRecor
         host = rec.host if rec is not None else settings.default_host
     verify_host(settings, host)  # the crypto-erase and every removal go to the host the current pin names
     st = tenant_stack(settings, spec, others, ctx.environ, host=host)
-    return run_stack(settings, st, "destroy", on_event=on_event)
+    return run_stack(settings, st, "destroy", on_event=on_event, ctx=ctx)
 
 
 def _refuse_open_work(conn: "Connection", rec: TenantRecord) -> None:
@@ -1014,7 +1031,7 @@ def up_targets(ctx: "Context", sel: list[Target], *, on_event: OnEvent | None = 
                 st = open_target(ctx, t, conn)
             if t.kind == "tenant":
                 ensure_secrets(settings, st, None)
-            r = run_stack(settings, st, "up", on_event=on_event)
+            r = run_stack(settings, st, "up", on_event=on_event, ctx=ctx)
             op.args["changes"] = r.changes
             results.append(r)
     return results
@@ -1063,7 +1080,7 @@ def host_up(ctx: "Context", host_name: str | None = None, *, on_event: OnEvent |
     with audit.privileged(ctx, "host up", {"host": host.name}, host=host.name) as op:
         verify_host(settings, host.name)
         st = host_stack(settings, host, ctx.environ)
-        r = run_stack(settings, st, "up", on_event=on_event)
+        r = run_stack(settings, st, "up", on_event=on_event, ctx=ctx)
         op.args["changes"] = r.changes
     return r
 
@@ -1087,7 +1104,7 @@ def host_destroy(ctx: "Context", host_name: str | None = None, *, on_event: OnEv
         if not _stack_exists(settings, name):
             op.args["changes"] = {}
             return None
-        r = run_stack(settings, host_stack(settings, host, ctx.environ), "destroy", on_event=on_event)
+        r = run_stack(settings, host_stack(settings, host, ctx.environ), "destroy", on_event=on_event, ctx=ctx)
         op.args["changes"] = r.changes
     return r
 
@@ -1139,7 +1156,7 @@ def refresh_targets(ctx: "Context", sel: list[Target], *, preview_only: bool = F
                 verify_host(settings, t.host, verified)
                 with connect(settings, "refresh") as conn:
                     st = open_target(ctx, t, conn)
-                run_stack(settings, st, "refresh", on_event=on_event, events=events)
+                run_stack(settings, st, "refresh", on_event=on_event, events=events, ctx=ctx)
                 found = pv.drift_from_events(name, events)
                 op.args["drift"] = [f"{d.kind} {d.name} {d.how}" for d in found]
         drifts += pv.drift_from_events(name, events)

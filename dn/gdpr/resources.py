@@ -230,6 +230,8 @@ class Resources:
                 self.progress(f"destroying stack {slug}")
                 run = tenants.destroy_stack(self.ctx, spec, others)
                 destroyed["changes"] = getattr(run, "changes", None)
+                destroyed["state"] = getattr(run, "purge", None)
+        destroyed["state"] = self._purge_state(slug, destroyed.get("state"))
         with self._session(names.host) as s:
             evidence = probe(s, names)
         if evidence["present"]:
@@ -241,7 +243,27 @@ class Resources:
                              hint="remove them (`dn tenant show` names them) and rerun the same command")
         summary = ("stack destroyed; no resource remains on the host" if destroyed.get("stack_existed")
                    else "nothing to do: no stack and no resource of the tenant on the host")
+        st = destroyed["state"]
+        summary += (f"; no copy of its state remains ({st['files_searched']} files of {', '.join(st['searched'])} "
+                    f"searched)" if st.get("checked") else f"; state: {st.get('note')}")
         return {"summary": summary, **destroyed, "probe": evidence}
+
+    def _purge_state(self, slug: str, done: dict[str, Any] | None) -> dict[str, Any]:
+        """No copy of the stack's state may outlive it: its history, backups, .bak files and work
+        dir (the secret config and its salt) are removed and the state backend and work dirs
+        searched for anything naming the stack or holding its ciphertexts. ``done`` is what the
+        stack's removal just did and checked; without it (a resume after a crash, the stack already
+        removed) the removal and the search happen here."""
+        from dn import engine
+
+        if not done:
+            done = engine.purge_stack(self.settings.backend_url, engine.stack_work_dir(self.settings, slug).parent,
+                                      slug).to_dict()
+        if done.get("remaining"):
+            raise StepFailed(f"copies of the stack {slug}'s state remain after its removal: "
+                             f"{', '.join(done['remaining'])}", where=f"tenant:{slug}",
+                             hint="remove them and rerun the same command")
+        return done
 
     def _stack_exists(self, slug: str) -> bool:
         from dn import engine

@@ -10,6 +10,7 @@ from dn.verify import auditlog, backups, data, network, nginx, storage
 from dn.verify import access
 from dn.verify import hostkey
 from dn.verify.core import Claim
+from dn.verify.state import check_state_purged
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("net.public-ports",
@@ -122,6 +123,11 @@ CLAIMS: tuple[Claim, ...] = (
           "no deletion request open past its deadline, no deadline later than 30 days after receipt, no tenant "
           "cancelled more than 30 days ago and still not deleted",
           data.check_deadlines),
+    Claim("gdpr.state-purged",
+          "Deletion happens within 30 days (a legal obligation)",
+          "for every tenant deleted (GDPR) or destroyed: no file of the Pulumi state backend (stack file, .bak, "
+          "backups, history, locks) or of the stack work dirs (config and salt) names its stack",
+          check_state_purged),
     Claim("keys.no-retired",
           "Platform API keys: Fernet symmetric encryption in the DB, keys in the env",
           "no api_keys value remains encrypted under a retired Fernet key (dn keys status)",

@@ -88,8 +88,13 @@ def test_crash_then_resume_ends_in_the_same_state(gdpr_env, point):
         assert conn.execute("SELECT count(*) FROM op_locks").fetchone()[0] == 0
     ks = keys.keystore(env.settings, env.environ)
     assert ks.is_destroyed("tenant-crash-two") and ks.key_ids("tenant-crash-two") == []
-    # taking over the dead run's lock is itself on record
-    breaks = [e for e in audit.show(env.ctx, tenant="crash-two") if e.command == "lock break"]
-    assert len(breaks) == 1 and breaks[0].args["resource"] == "tenant:crash-two"
+    # taking over the dead run's lock is itself on record: whose it was and why it is dead
+    taken = [e for e in audit.show(env.ctx, tenant="crash-two") if e.command == "lock takeover"]
+    assert len(taken) == 1 and taken[0].args["resource"] == "tenant:crash-two"
+    assert taken[0].args["holder"]["command"] == "gdpr delete" and taken[0].args["taken_by"] == "gdpr delete"
+    assert f"pid {proc.pid} is gone" in taken[0].args["reason"]
+    # the stack step states that no copy of the stack's state is left
+    stack = cert["stack"]["state"]
+    assert stack["checked"] and stack["remaining"] == [] and stack["stack"] == "crash-two"
     with db.connect(env.settings.database) as conn:
         assert conn.execute("SELECT count(*) FROM gdpr_runs WHERE finished_at IS NOT NULL").fetchone()[0] == 1
