@@ -110,3 +110,17 @@ def test_key_that_cannot_be_had_is_unknown_never_pass(bk, pg_super):
     r = fresh(settings, env)
     assert r.status is core.Status.UNKNOWN, text(r)
     assert "neither in the keystore nor in the backup region's escrow" in r.reason, r.reason
+
+
+def test_damaged_older_backup_is_evidence_not_a_failure_of_freshness(bk, pg_super):
+    settings, env = bk
+    generate(pg_super, tenants=1, events=20)
+    older = run.run_backup(settings, env)
+    newest = run.run_backup(settings, env)
+    with run.open_store(settings) as store:
+        size = store.sftp.stat(manifest_path(store, older.id)).st_size
+        store.sftp.truncate(manifest_path(store, older.id), size // 2)
+    r = fresh(settings, env)
+    assert r.status is core.Status.PASS, text(r)
+    assert f"newest platform backup {newest.id}" in text(r)
+    assert f"backup {older.id}: its manifest cannot be read" in text(r)
