@@ -42,7 +42,7 @@ from dn.backup import crypto, dump, keys, schedule
 from dn.backup.manifest import Manifest, check_backup_id
 from dn.backup.run import Progress, open_store, source_dsn
 from dn.backup.store import Store
-from dn.errors import DnError, InvalidInput, OperationFailed
+from dn.errors import DnError, InvalidInput, OperationFailed, Unreachable
 
 if TYPE_CHECKING:
     from dn.config import Settings
@@ -781,6 +781,12 @@ def restore(
             report["tables"], report["checks"] = tables_r, results
             try:
                 _swap(admin, staging, target_db, replaced if exists else None)
+            except Unreachable as e:  # the commit may or may not have happened: say so, guess nothing
+                raise Unreachable(
+                    f"the connection was lost while swapping the restored database in ({e.message}): the swap "
+                    f"either happened whole or not at all", hint=f"look which database is named {target_db} "
+                    f"(a kept {staging} means it did not happen), then rerun the same `dn dr restore`",
+                    runbook="disaster-recovery", where="database") from None
             except DnError as e:
                 raise OperationFailed(
                     f"the restored database could not be swapped in, and nothing was renamed: {e.message}",
