@@ -47,8 +47,11 @@ def run_(
     if tenant and platform:
         raise InvalidInput("--tenant/--platform", "give one of them, not both")
     c = ctx.obj
-    owner = keys.owner_for(tenant)
-    with audit.privileged(c, "backup run", {"tenant": tenant}, tenant=tenant, lock=[f"db:backup-{owner}"]) as op:
+    if tenant is not None:
+        keys.check_tenant(tenant)
+    # a tenant's backup holds the tenant's lock: it cannot run while the tenant is being deleted
+    held = [f"tenant:{tenant}", f"db:backup-tenant-{tenant}"] if tenant else [f"db:backup-{keys.PLATFORM}"]
+    with audit.privileged(c, "backup run", {"tenant": tenant}, tenant=tenant, lock=held) as op:
         m = run.run_backup(c.settings, c.environ, tenant=tenant, progress=lambda s: c.err.print(s, soft_wrap=True, markup=False))
         op.args.update({"backup": m.id, "size": m.size, "rows": sum(m.tables.values())})
     if json:
@@ -168,7 +171,7 @@ def shred(
     from dn.errors import InvalidInput, OperationFailed
 
     c = ctx.obj
-    keys.owner_for(tenant)
+    keys.check_tenant(tenant)
     if not yes:
         import sys
 
@@ -177,7 +180,8 @@ def shred(
         if not typer.confirm(f"Destroy every backup key of tenant {tenant}? This cannot be undone", err=True):
             raise OperationFailed("cancelled; nothing was destroyed")
     with audit.privileged(c, "backup shred", {"tenant": tenant}, tenant=tenant) as op:
-        done = run.shred(c.settings, c.environ, tenant)
+        row = run.tenant_row(c.settings, tenant)  # None: the slug's tenant is gone; its old keys still go
+        done = run.shred(c.settings, c.environ, tenant, row.owner if row else None)
         op.args["key_ids"] = done["key_ids"]
     if json:
         c.out_json(done)

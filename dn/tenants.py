@@ -876,10 +876,13 @@ class DestroyResult:
 def destroy(ctx: "Context", slug: str, *, confirm: Callable[[TenantRecord, list[dict]], bool],
             on_event: OnEvent | None = None) -> DestroyResult:
     """Remove a tenant from its host: every resource of its stack (containers, network, vhost,
-    firewall chains, LUKS volume crypto-erased, timers), the stack itself, and its registry entry.
+    firewall chains, LUKS volume crypto-erased, timers), the stack itself, its backup keys
+    (crypto-shredded everywhere, so its backups are unreadable), and its registry entry.
     Refused while a GDPR request or a restore is open for it. ``confirm`` sees the tenant and its
     resources and may say no (nothing happens)."""
     from dn import audit
+    from dn.backup import keys
+    from dn.backup import run as backups
 
     settings = ctx.settings
     with connect(settings, "tenant destroy") as conn:
@@ -896,6 +899,10 @@ def destroy(ctx: "Context", slug: str, *, confirm: Callable[[TenantRecord, list[
             others = [o for o in list_tenants(conn, host=rec.host) if o.slug != slug]
         run = destroy_stack(ctx, spec, others, host=rec.host, on_event=on_event)
         op.args["changes"] = run.changes if run else {}
+        # before the registry entry goes: a tenant later created under this slug is another
+        # identity and must not inherit this one's backups (dn.backup.keys owner names)
+        owner = keys.owner_for(slug, rec.id, rec.created_at)
+        op.args["backup_keys_destroyed"] = backups.shred(settings, ctx.environ, slug, owner)["key_ids"]
         with connect(settings, "tenant destroy") as conn:
             registry = _unregister(conn, rec)
         op.args["registry"] = registry

@@ -74,7 +74,7 @@ class Source(_M):
 
 
 class KeyRef(_M):
-    owner: str = Field(pattern=r"^(platform|tenant-[a-z][a-z0-9-]{0,30}[a-z0-9])$")
+    owner: str = Field(pattern=r"^(platform|tenant-[a-z][a-z0-9-]{0,30}[a-z0-9](\.[1-9][0-9]{0,18}-[0-9a-f]{8})?)$")
     id: str = Field(pattern=r"^[0-9a-f]{32}$")
 
 
@@ -114,7 +114,7 @@ class Manifest(_M):
         if self.tenant is not None and not re.fullmatch(NAME_RE, self.tenant):
             raise ValueError(f"tenant must match {NAME_RE}")
         expected_owner = "platform" if self.tenant is None else f"tenant-{self.tenant}"
-        if self.key.owner != expected_owner:
+        if self.key.owner.split(".")[0] != expected_owner:  # tenant-<slug>.<id>-<stamp> (older: the slug alone)
             raise ValueError(f"key owner must be {expected_owner}")
         names = [a.name for a in self.artifacts]
         if len(set(names)) != len(names):
@@ -129,7 +129,8 @@ class Manifest(_M):
     # -- derived -----------------------------------------------------------------------------
     @property
     def series(self) -> str:
-        """Backups of the same series are retained together: ``platform`` or ``tenant-<slug>``."""
+        """Backups of the same series are retained together: ``platform`` or the tenant's key
+        owner, ``tenant-<slug>.<id>-<stamp>`` (a later tenant under the same slug is a new series)."""
         return self.key.owner
 
     @property

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from dn.backup import crypto, dump, keys, retention
 from dn.backup.manifest import Artifact, KeyRef, Manifest, Source, new_backup_id
 from dn.backup.store import Listing, Store, retrying
-from dn.errors import ConfigError, DnError
+from dn.errors import ConfigError, DnError, OperationFailed
 
 if TYPE_CHECKING:
     from dn.config import BackupTarget, Settings
@@ -53,12 +53,36 @@ def open_store(settings: "Settings", *, retries: int | None = None, backoff: flo
                       sleep=sleep, on_retry=on_retry)
 
 
-def ensure_escrow(store: Store, ks: keys.KeyStore, owner: str) -> None:
-    """Keep the wrapped keystore file of ``owner`` next to the backups, so losing this machine
-    does not lose the keys (the passphrase still guards them)."""
-    raw = ks.exported(owner)
-    if raw is not None and store.get_key(owner) != raw:
-        store.put_key(owner, raw)
+def obtain_key(store: Store, ks: keys.KeyStore, owner: str) -> keys.DataKey:
+    """The key of ``owner`` that a backup uses, escrowed in the backup region before its first use.
+
+    The escrow is the authority and is never replaced: an installation without the owner's key
+    fetches it; one without any escrowed key makes one and escrows it with an exclusive create,
+    and if another installation escrowed first, uses that one instead. Keys an older dn made here
+    without escrowing them are escrowed beside it (``keys/<owner>/<id>.json``), so every backup
+    ever made restores with the passphrase alone. A crypto-shredded owner (a tombstone here or in
+    the region) gets no key: its backups cannot be started.
+    """
+    if ks.is_destroyed(owner) or store.key_destroyed(owner):
+        raise keys.KeystoreError(f"the keys of {owner} were destroyed (crypto-shredded); no backup is made",
+                                 hint="a deleted tenant gets no new backups")
+    escrowed = store.get_key(owner)
+    if escrowed is None:
+        if ks.exported(owner) is None:
+            # False when another installation escrowed first: its key is the one used below
+            store.create_key(owner, ks.fresh(owner))
+        else:  # made here by an older dn, never escrowed: escrow it as it is
+            store.create_key(owner, ks.exported(owner))
+        escrowed = store.get_key(owner)
+        if escrowed is None:
+            raise keys.KeystoreError(f"the key of {owner} could not be escrowed in {store.where}")
+    for kid, raw in ks.unescrowed(owner, escrowed):
+        store.create_key(owner, raw, key_id=kid)
+    ks.import_wrapped(owner, escrowed)
+    dk = ks.current(owner)
+    if dk.id.hex() != keys.key_ids_of(escrowed)[-1]:
+        raise keys.KeystoreError(f"the key of {owner} in {ks.dir} is not the escrowed one")
+    return dk
 
 
 def _artifact(name: str, kind: str, stats: crypto.StreamStats, table: str | None = None) -> Artifact:
@@ -85,7 +109,7 @@ def _read_blocks(producer: dump.Producer):
         yield b
 
 
-def _backup_once(settings: "Settings", store: Store, dk: keys.DataKey, tenant: str | None,
+def _backup_once(settings: "Settings", store: Store, dk: keys.DataKey, tenant: str | None, tenant_id: int | None,
                  progress: Progress, on_bytes: Bytes) -> Manifest:
     from dn import db
 
@@ -125,6 +149,10 @@ def _backup_once(settings: "Settings", store: Store, dk: keys.DataKey, tenant: s
                 tables = counts
             else:
                 tid = dump.tenant_row_id(snap.conn, tenant)
+                if tid != tenant_id:  # the slug changed hands since the key was chosen
+                    raise OperationFailed(f"tenant {tenant} is no longer registry row {tenant_id} (it was "
+                                          "destroyed and the slug reused meanwhile); nothing was backed up",
+                                          where=f"tenant:{tenant}")
                 ttables = dump.tenant_tables(snap.conn, snap.tables)
                 tables = {}
                 for schema, name, quoted, col in ttables:
@@ -172,22 +200,62 @@ def _dn_version() -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class TenantRow:
+    """The registry row holding a slug now: its identity (id, creation time) and status."""
+
+    id: int
+    slug: str
+    created_at: datetime
+    status: str
+
+    @property
+    def owner(self) -> str:
+        """The key owner (and backup series) of this tenant's backups."""
+        return keys.owner_for(self.slug, self.id, self.created_at)
+
+
+def tenant_row(settings: "Settings", tenant: str) -> TenantRow | None:
+    """The tenant holding the slug ``tenant`` now, or None."""
+    from dn import db
+
+    keys.check_tenant(tenant)
+    with db.connect_dsn(source_dsn(settings), settings.database.passfile,
+                        application_name=f"dn backup {tenant}") as conn, db.translate_errors(f"looking up tenant {tenant}"):
+        r = conn.execute("SELECT id, created_at, status FROM tenants WHERE slug = %s", (tenant,)).fetchone()
+    return TenantRow(int(r[0]), tenant, r[1], str(r[2])) if r else None
+
+
+def tenant_identity(settings: "Settings", tenant: str) -> TenantRow:
+    """The tenant to back up, refusing one that is deleted or being deleted (GDPR): no backup
+    of it can be started."""
+    from dn.errors import InvalidInput
+
+    r = tenant_row(settings, tenant)
+    if r is None:
+        raise InvalidInput("tenant", f"no tenant {tenant!r} in the platform database")
+    if r.status in ("deleting", "deleted"):
+        raise InvalidInput("tenant", f"tenant {tenant} is {r.status} (GDPR deletion): its backups are never made again")
+    return r
+
+
 def run_backup(settings: "Settings", environ: Mapping[str, str], *, tenant: str | None = None,
                progress: Progress = _quiet, on_bytes: Bytes = lambda n: None, backoff: float = 1.0,
                sleep: Callable[[float], None] = time.sleep) -> Manifest:
-    """Make one backup (the platform database, or one tenant's rows) in the second region."""
+    """Make one backup (the platform database, or one tenant's rows) in the second region.
+
+    A tenant's backup holds the tenant's lock when run from `dn backup run` (so it cannot race a
+    deletion) and is refused for a deleted tenant or one whose keys were shredded."""
     target = target_of(settings)
-    owner = keys.owner_for(tenant)
+    row = tenant_identity(settings, tenant) if tenant is not None else None
+    tenant_id, owner = (row.id, row.owner) if row else (None, keys.PLATFORM)
     ks = keys.keystore(settings, environ)
-    dk = ks.current(owner)
-    platform = ks.current(keys.PLATFORM) if owner != keys.PLATFORM else dk
 
     def attempt() -> Manifest:
         with open_store(settings, retries=0) as store:
-            ensure_escrow(store, ks, keys.PLATFORM)
-            if platform is not dk:
-                ensure_escrow(store, ks, owner)
-            return _backup_once(settings, store, dk, tenant, progress, on_bytes)
+            obtain_key(store, ks, keys.PLATFORM)
+            dk = obtain_key(store, ks, owner)
+            return _backup_once(settings, store, dk, tenant, tenant_id, progress, on_bytes)
 
     def on_retry(n: int, wait: float, e: DnError) -> None:
         progress(f"{e.message}; retry {n} of {target.retries} in {wait:.0f}s")
@@ -260,28 +328,115 @@ def prune(store: Store, rows: list[Row], *, dry_run: bool, progress: Progress = 
 
 
 # -- crypto-shredding ----------------------------------------------------------------------------
-def shred(settings: "Settings", environ: Mapping[str, str], tenant: str, *, store: Store | None = None) -> dict:
-    """Destroy every backup key of ``tenant`` here and in the backup region's escrow.
+KEYSTORE_DIR = "backup-keys"  # under a data dir, here and on every host (dn.backup.keys.keystore)
 
-    After this, every backup of the tenant is unreadable wherever a copy of it lives; `dn backup
-    prune` then removes them. Idempotent: run it again after a failure. Returns what was done.
+
+def host_keystore(settings: "Settings", host: str) -> str:
+    """The keystore of the dn that ``host``'s timers run (its ``dn_data_dir``), as a path on the host."""
+    h = settings.host(host)
+    return h.path(f"{h.dn_data_dir.rstrip('/')}/{KEYSTORE_DIR}")
+
+
+def _tombstone(owner: str, ids: list[str], when: str) -> bytes:
+    return json.dumps({"owner": owner, "key_ids": ids, "destroyed_at": when}).encode()
+
+
+def host_key_files(session, directory: str, owner: str) -> list[str]:
+    if not session.exists(directory):
+        return []
+    return [f"{directory}/{n}" for n in session.listdir(directory)
+            if n == f"{owner}.json" or n.startswith(f".{owner}.json.")]
+
+
+def _host_key_ids(session, directory: str, owner: str) -> list[str]:
+    """The key ids the host's keystore lists for ``owner`` (its files and an earlier tombstone)."""
+    ids: list[str] = []
+    for p in host_key_files(session, directory, owner):
+        ids += keys.key_ids_of(session.read_file(p))
+    tomb = f"{directory}/destroyed/{owner}.json"
+    if session.exists(tomb):
+        try:
+            ids += [str(i) for i in json.loads(session.read_file(tomb)).get("key_ids", [])]
+        except (ValueError, AttributeError):
+            pass  # an unreadable tombstone is rewritten with the ids known from elsewhere
+    return ids
+
+
+def _shred_on_host(session, directory: str, owner: str, ids: list[str], when: str) -> None:
+    """Tombstone first (where the host's `dn backup run` looks), then overwrite and unlink."""
+    tombdir = f"{directory}/destroyed"
+    session.mkdir_p(tombdir, 0o700)
+    session.install_file(f"{tombdir}/{owner}.json", _tombstone(owner, ids, when), mode=0o600, keep_previous=False)
+    for p in host_key_files(session, directory, owner):
+        session.run(["shred", "--iterations=1", "--remove", "--", p])
+
+
+def shred(settings: "Settings", environ: Mapping[str, str], tenant: str, owner: str | None = None, *,
+          store: Store | None = None) -> dict:
+    """Destroy every backup key of ``tenant`` everywhere dn ever put one, and prove it.
+
+    The owners: the tenant's own (``owner``, :attr:`TenantRow.owner`, when its row is known) and
+    the slug-only owner older dn used (whichever tenant of the slug it served). The places: this
+    machine's keystore, the keystore of every configured host (whose timers run `dn backup run
+    --tenant` with their own data dir) and the region's escrow. Each gets a tombstone first (a
+    later backup there refuses the owner, and no installation brings the key back), then its key
+    files are overwritten and removed. Then every place is checked again: ``checked`` in the
+    result says what was found where, and a key file left or a tombstone missing fails. After
+    this, every backup of the tenant is unreadable wherever a copy of it lives (the offline disk
+    holds no tenant key); `dn backup prune` then removes them. Idempotent.
     """
-    owner = keys.owner_for(tenant)
+    from contextlib import ExitStack
+
+    from dn import ssh
+
+    owners = [keys.check_owner(owner)] if owner is not None else []
+    owners.append(keys.legacy_owner(tenant))
     ks = keys.keystore(settings, environ)
-    own = store is None
-    store = store or open_store(settings)
-    try:
-        escrowed = store.get_key(owner)
-        escrow_ids: list[str] = []
-        if escrowed:
-            try:
-                escrow_ids = [k["id"] for k in json.loads(escrowed).get("keys", [])]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                escrow_ids = []  # an unreadable escrow copy is removed all the same
-        ids = ks.destroy(owner, also=escrow_ids)
+    hosts = sorted(settings.hosts)
+    with ExitStack() as stack:
+        if store is None and settings.backup is not None:
+            store = stack.enter_context(open_store(settings))
+        sessions = {h: stack.enter_context(ssh.connect(settings.host(h))) for h in hosts}
+        dirs = {h: host_keystore(settings, h) for h in hosts}
+        ids: dict[str, set[str]] = {o: set(ks.key_ids(o)) for o in owners}
+        escrow_had: dict[str, bool] = {}
+        for o in owners:
+            if store is not None:
+                raw = store.get_key(o)
+                escrow_had[o] = raw is not None
+                ids[o] |= set(keys.key_ids_of(raw))
+            for h, s in sessions.items():
+                ids[o] |= set(_host_key_ids(s, dirs[h], o))
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        store.destroy_key(owner, json.dumps({"owner": owner, "key_ids": ids, "destroyed_at": when}).encode())
-    finally:
-        if own:
-            store.close()
-    return {"owner": owner, "key_ids": ids, "escrow_removed": escrowed is not None, "destroyed_at": when}
+        destroyed: dict[str, list[str]] = {}
+        for o in owners:
+            # the escrow first: from then on no installation can fetch the key again
+            if store is not None:
+                store.destroy_key(o, _tombstone(o, sorted(ids[o]), when))
+            for h, s in sessions.items():
+                _shred_on_host(s, dirs[h], o, sorted(ids[o]), when)
+            destroyed[o] = ks.destroy(o, also=ids[o])
+        checked = [{"keystore": "operator", "where": str(ks.dir), "checked_at": _now(),
+                    "owners": {o: {"key_files": ks.key_files(o), "tombstone": ks.is_destroyed(o)} for o in owners}}]
+        for h, s in sessions.items():
+            checked.append({"keystore": f"host {h}", "where": f"{h}:{dirs[h]}", "checked_at": _now(),
+                            "owners": {o: {"key_files": host_key_files(s, dirs[h], o),
+                                           "tombstone": s.exists(f"{dirs[h]}/destroyed/{o}.json")} for o in owners}})
+        if store is not None:
+            checked.append({"keystore": f"escrow {store.target.region}", "where": f"{store.target.region}:{store.root}/keys",
+                            "checked_at": _now(),
+                            "owners": {o: {"key_files": store.key_files(o), "tombstone": store.key_destroyed(o)}
+                                       for o in owners}})
+    failed = [f"{c['keystore']}: {o}: " + ("key files remain: " + ", ".join(r["key_files"]) if r["key_files"]
+                                          else "no tombstone")
+              for c in checked for o, r in c["owners"].items() if r["key_files"] or not r["tombstone"]]
+    if failed:
+        raise OperationFailed(f"crypto-shredding tenant {tenant}'s backup keys is not complete: {'; '.join(failed)}",
+                              hint="rerun the same command")
+    all_ids = sorted(set().union(*destroyed.values()))
+    return {"owner": owners[0], "owners": owners, "key_ids": all_ids,
+            "escrow_removed": any(escrow_had.values()), "destroyed_at": when, "checked": checked}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -6,8 +6,11 @@ Layout under ``backup.path`` (the SFTP account sees nothing else)::
     <id>/<artifact>.enc          uploaded, size checked, renamed into place
     <id>/manifest.json           uploaded last: a backup exists exactly when this file does
     <id>/drill.json              the last drill's verdict on this backup (written by the drill)
-    keys/<owner>.json            escrow copy of the wrapped keystore file (see dn.backup.keys)
+    keys/<owner>.json            escrow of the owner's wrapped keystore file (see dn.backup.keys):
+                                 created once, never replaced
+    keys/<owner>/<key id>.json   a further key of the owner (one an older dn made unescrowed)
     keys/destroyed/<owner>.json  tombstone of crypto-shredded keys (ids only)
+    audit-witness/<seq>-<hash>.json  the audit chain's signed head, one new file per witness (dn.audit)
 
 Uploads stream: the caller writes ciphertext as it is produced, the store writes it to a temp
 name and renames it after the transfer is complete, so an interrupted run leaves no artifact and
@@ -19,8 +22,10 @@ and a refused key are never retried. Losing the connection mid-way raises Unreac
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -398,26 +403,122 @@ class Store:
         self._do(f"removing {d}", self.sftp.rmdir, d)
 
     # -- key escrow --------------------------------------------------------------------------
-    def put_key(self, owner: str, raw: bytes) -> None:
-        kd = self._path(KEYS_DIR)
-        self._mkdir(kd)
-        self._put_small(self._path(KEYS_DIR, f"{owner}.json"), raw)
+    # Escrowed key files are created exclusively and never replaced or rewritten: the escrow is
+    # the authority on an owner's keys (dn.backup.run.obtain_key), so two installations that
+    # both make an owner's first key agree on the one escrowed first.
+    def _key_path(self, owner: str, key_id: str | None = None) -> str:
+        return self._path(KEYS_DIR, f"{owner}.json") if key_id is None else self._path(KEYS_DIR, owner, f"{key_id}.json")
+
+    def create_key(self, owner: str, raw: bytes, key_id: str | None = None) -> bool:
+        """Escrow ``raw`` as ``keys/<owner>.json`` (or, for a further key, ``keys/<owner>/<key_id>.json``)
+        unless that file exists: True if this call created it, False if it was there already.
+
+        The file is uploaded under a temporary name, then renamed with the SFTP rename, which
+        (unlike posix-rename) never replaces an existing file: the escrow is complete or absent."""
+        d = self._path(KEYS_DIR) if key_id is None else self._path(KEYS_DIR, owner)
+        self._mkdir(self._path(KEYS_DIR))
+        self._mkdir(d)
+        final = self._key_path(owner, key_id)
+        if self._exists(final):
+            return False
+        name = posixpath.basename(final)
+        w = _Writer(self, d, f"{name}.{secrets.token_hex(4)}")
+        try:
+            w.write(raw)
+            w._flush()
+            self._do(f"finishing {w.tmp}", w._f.close)
+        except BaseException:
+            w.abort()
+            raise
+        try:
+            self.sftp.rename(w.tmp, final)
+            created = True
+        except OSError:
+            created = False
+        finally:
+            self._quiet_remove(w.tmp)
+        if not created and not self._exists(final):
+            raise OperationFailed(f"{self.where}: could not escrow {final}")
+        return created
 
     def get_key(self, owner: str) -> bytes | None:
-        p = self._path(KEYS_DIR, f"{owner}.json")
-        return self._get_small(p) if self._exists(p) else None
+        """The escrowed keys of ``owner`` as one keystore file (``keys/<owner>.json`` with any
+        further key merged in), or None when none is escrowed."""
+        from dn.backup import keys
 
-    def key_is_current(self, owner: str, raw: bytes) -> bool:
-        return self.get_key(owner) == raw
+        raws = []
+        p = self._key_path(owner)
+        if self._exists(p):
+            raws.append(self._get_small(p))
+        d = self._path(KEYS_DIR, owner)
+        if self._exists(d):
+            for n in sorted(self._do(f"listing {d}", self.sftp.listdir, d)):
+                if n.endswith(".json") and not n.startswith("."):
+                    raws.append(self._get_small(f"{d}/{n}"))
+        return keys.merged(owner, raws)
+
+    def key_files(self, owner: str) -> list[str]:
+        """Every escrow file of ``owner`` (uploads cut short included): the evidence a shredding
+        is checked against."""
+        out = [self._key_path(owner)] if self._exists(self._key_path(owner)) else []
+        kd = self._path(KEYS_DIR)
+        if self._exists(kd):
+            out += [f"{kd}/{n}" for n in self._do(f"listing {kd}", self.sftp.listdir, kd)
+                    if n.startswith(f".{owner}.json.")]
+        d = self._path(KEYS_DIR, owner)
+        if self._exists(d):
+            out += [f"{d}/{n}" for n in self._do(f"listing {d}", self.sftp.listdir, d)]
+        return sorted(out)
+
+    def key_destroyed(self, owner: str) -> bool:
+        """Whether the escrow holds a tombstone for ``owner`` (its keys were crypto-shredded)."""
+        return self._exists(self._path(KEYS_DIR, "destroyed", f"{owner}.json"))
 
     def destroy_key(self, owner: str, tombstone: bytes) -> None:
-        """Record the tombstone, then remove the escrowed key (same order as the local keystore)."""
+        """Record the tombstone, then remove every escrowed key file of ``owner`` (same order as
+        the local keystore)."""
         self._mkdir(self._path(KEYS_DIR))
         self._mkdir(self._path(KEYS_DIR, "destroyed"))
         self._put_small(self._path(KEYS_DIR, "destroyed", f"{owner}.json"), tombstone)
-        p = self._path(KEYS_DIR, f"{owner}.json")
-        if self._exists(p):
+        for p in self.key_files(owner):
             self._do(f"removing {p}", self.sftp.remove, p)
+        d = self._path(KEYS_DIR, owner)
+        if self._exists(d):
+            self._do(f"removing {d}", self.sftp.rmdir, d)
+
+    # -- append-only records (the audit log's witnesses) -------------------------------------
+    def records(self, directory: str) -> list[str]:
+        """The names of the files in ``directory`` (none when it does not exist yet)."""
+        d = self._path(directory)
+        if not self._exists(d):
+            return []
+        return sorted(n for n in self._do(f"listing {d}", self.sftp.listdir, d) if not n.startswith("."))
+
+    def read_record(self, directory: str, name: str, limit: int = 1 << 16) -> bytes:
+        return self._get_small(self._path(directory, name), limit)
+
+    def add_record(self, directory: str, name: str, data: bytes) -> bool:
+        """Write the new file ``directory/name``; an existing one is never replaced (False then)."""
+        d = self._path(directory)
+        self._mkdir(d)
+        final = self._path(directory, name)
+        if self._exists(final):
+            return False
+        tmp = self._path(directory, f".{name}.{os.getpid()}.part")
+
+        def write() -> None:
+            with self.sftp.open(tmp, "wb") as f:
+                f.write(data)
+        self._do(f"writing {tmp}", write)
+        try:
+            # SFTP's plain rename (unlike posix-rename) refuses an existing target.
+            self._do(f"renaming {tmp}", self.sftp.rename, tmp, final)
+        except OperationFailed:
+            self._quiet_remove(tmp)
+            if not self._exists(final):
+                raise
+            return False
+        return True
 
     def destroyed_key_ids(self) -> dict[str, str]:
         d = self._path(KEYS_DIR, "destroyed")

@@ -5,8 +5,10 @@
 - the tenant's stack (containers, network, nginx vhost, firewall chains, timers): destroyed by
   :func:`dn.tenants.destroy_stack`; dn then probes the host for every resource by its derived
   name (dn.models) as evidence that none remains;
-- the backup keys: crypto-shredded by :func:`dn.backup.run.shred`, with the list of affected
-  backups and the date each expires anyway.
+- the backup keys: crypto-shredded by :func:`dn.backup.run.shred` in every keystore dn ever put
+  one in (this machine's, each host's, the region's escrow), each checked afterwards (``checked``:
+  key files found and tombstone, per place), with the list of affected backups and the date each
+  expires anyway.
 
 When a component's API is missing, the step fails loudly naming what it cannot do — unless the
 tenant has no such resource (the probe shows it), which is recorded as "nothing to do" with the
@@ -271,33 +273,43 @@ class Resources:
         return (engine.stack_work_dir(self.settings, slug) / f"Pulumi.{slug}.yaml").exists()
 
     # -- backups -------------------------------------------------------------------------------
-    def backup_keys(self, slug: str) -> BackupKeys:
+    def _owner(self, slug: str, tenant_id: int) -> str:
+        """The key owner of the tenant being deleted (its identity: the row, not the slug)."""
+        from dn.backup import run
+
+        row = run.tenant_row(self.settings, slug)
+        if row is None or row.id != tenant_id:
+            raise StepFailed(f"tenant {slug} is no longer registry row {tenant_id}: its backup keys cannot be named",
+                             where=f"tenant:{slug}")
+        return row.owner
+
+    def backup_keys(self, slug: str, tenant_id: int) -> BackupKeys:
         from dn.backup import keys
 
-        owner = keys.owner_for(slug)
+        owner = self._owner(slug, tenant_id)
         ks = keys.keystore(self.settings, self.ctx.environ)
-        return BackupKeys(owner, tuple(ks.key_ids(owner)), ks.is_destroyed(owner), str(ks.dir),
+        ids = tuple(ks.key_ids(owner)) + tuple(ks.key_ids(keys.legacy_owner(slug)))
+        return BackupKeys(owner, ids, ks.is_destroyed(owner), str(ks.dir),
                           self.settings.backup.region if self.settings.backup else None)
 
-    def shred_backups(self, slug: str) -> dict[str, Any]:
+    def shred_backups(self, slug: str, tenant_id: int) -> dict[str, Any]:
+        """Crypto-shred the tenant's backup keys in every keystore dn ever put one in (this
+        machine's, each host's, the region's escrow) with :func:`dn.backup.run.shred`, which checks
+        each place afterwards; the result says what was checked where."""
         from dn.backup import keys, run
 
-        owner = keys.owner_for(slug)
+        owner = self._owner(slug, tenant_id)
         ks = keys.keystore(self.settings, self.ctx.environ)
         if self.settings.backup is None:
-            ids = ks.key_ids(owner)
-            if not ids and not ks.is_destroyed(owner):
-                return {"summary": "nothing to do: no backup region configured and no backup key of the tenant",
-                        "owner": owner, "keystore": str(ks.dir), "key_ids": [], "tenant_backups": [],
-                        "platform_backups": []}
-            destroyed = ks.destroy(owner)
-            return {"summary": f"destroyed {len(destroyed)} backup key(s) (no backup region configured: no escrow)",
-                    "owner": owner, "key_ids": destroyed, "tenant_backups": [], "platform_backups": []}
+            done = run.shred(self.settings, self.ctx.environ, slug, owner)
+            return {"summary": f"destroyed {len(done['key_ids'])} backup key(s) (no backup region configured: no escrow)",
+                    "owner": owner, "key_ids": done["key_ids"], "checked": done["checked"],
+                    "tenant_backups": [], "platform_backups": []}
         now = datetime.now(timezone.utc)
         self.progress(f"crypto-shredding the backup keys of {owner}")
         with run.open_store(self.settings) as store:
             listings = store.list()
-            done = run.shred(self.settings, self.ctx.environ, slug, store=store)
+            done = run.shred(self.settings, self.ctx.environ, slug, owner, store=store)
             rows = run.plan(self.settings, self.ctx.environ, store, now, listings=listings)
         destroyed_ids = set(done["key_ids"])
         tenant_backups, platform_backups = [], []
@@ -305,7 +317,7 @@ class Resources:
             m = row.listing.manifest
             if m is None:
                 continue
-            if m.kind == "tenant" and m.tenant == slug:
+            if m.kind == "tenant" and m.key.owner in done["owners"]:
                 tenant_backups.append({
                     "id": m.id, "created": m.snapshot_at.isoformat(), "key_id": m.key.id,
                     "key_destroyed": m.key.id in destroyed_ids and ks.lookup(bytes.fromhex(m.key.id)) is None,
@@ -323,6 +335,7 @@ class Resources:
                            f"unreadable; {len(platform_backups)} platform backup(s) expire by {last or '-'}",
                 "owner": owner, "key_ids": done["key_ids"], "escrow_removed": done["escrow_removed"],
                 "destroyed_at": done["destroyed_at"], "region": self.settings.backup.region,
+                "checked": done["checked"],
                 "tenant_backups": tenant_backups, "platform_backups": platform_backups,
                 "platform_note": "platform backups hold every tenant's rows under the platform key; the tenant's "
                                  "rows in them are beyond use and disappear when each expires"}

@@ -178,7 +178,7 @@ def prepare(ctx: "Context", conn: "Connection", slug: str, request_id: int, *,
         steps = _steps(conn, request_id) if run else []
     names = host_names(ctx.settings, tenant.slug, tenant.host)
     the_plan = planmod.build(dm, tenant=tenant, request=request, counts=counts, foreign_keys=catalog.foreign_keys,
-                             host=names, keys=resources.backup_keys(tenant.slug), now=now,
+                             host=names, keys=resources.backup_keys(tenant.slug, tenant.id), now=now,
                              retention=ctx.settings.retention)
     if run is not None and not run["finished_at"]:
         done = [s["step"] for s in steps if s["state"] == "done"]
@@ -281,7 +281,7 @@ class Deletion:
         return self.res.destroy_stack(self.p.tenant.slug, self.names)
 
     def _step_backup_keys(self) -> dict[str, Any]:
-        return self.res.shred_backups(self.p.tenant.slug)
+        return self.res.shred_backups(self.p.tenant.slug, self.p.tenant.id)
 
     def _step_rows(self) -> dict[str, Any]:
         dm, t = self.p.dm, self.p.tenant

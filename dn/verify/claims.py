@@ -6,7 +6,7 @@ anyone reading it depend on them.
 """
 from __future__ import annotations
 
-from dn.verify import auditlog, backups, data, network, nginx, storage
+from dn.verify import auditlog, backups, data, network, nginx, shredding, storage
 from dn.verify import access
 from dn.verify import hostkey
 from dn.verify.core import Claim
@@ -123,6 +123,12 @@ CLAIMS: tuple[Claim, ...] = (
           "no deletion request open past its deadline, no deadline later than 30 days after receipt, no tenant "
           "cancelled more than 30 days ago and still not deleted",
           data.check_deadlines),
+    Claim("gdpr.keys-shredded",
+          "Deletion happens within 30 days (a legal obligation)",
+          "for every tenant deleted (GDPR) and every crypto-shredded key owner: no key file in this machine's "
+          "keystore, in the verified host's keystore (its timers' data dir, over SSH) or in the second region's "
+          "escrow, and a tombstone for each deleted tenant in all three",
+          shredding.check_keys_shredded),
     Claim("gdpr.state-purged",
           "Deletion happens within 30 days (a legal obligation)",
           "for every tenant deleted (GDPR) or destroyed: no file of the Pulumi state backend (stack file, .bak, "

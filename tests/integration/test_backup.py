@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -152,7 +153,9 @@ def test_tenant_backup_holds_only_that_tenants_rows(bk, pg_super):
     generate(pg_super, tenants=3, events=50)
     tid = pg_super.execute("SELECT id FROM tenants WHERE slug = 'shop-0002'").fetchone()[0]
     m = run.run_backup(settings, env, tenant="shop-0002")
-    assert m.kind == "tenant" and m.tenant == "shop-0002" and m.key.owner == "tenant-shop-0002"
+    owner = run.tenant_row(settings, "shop-0002").owner  # the tenant's identity, not its slug
+    assert m.kind == "tenant" and m.tenant == "shop-0002" and m.key.owner == owner
+    assert owner.startswith(f"tenant-shop-0002.{tid}-")
     assert m.tables["public.tenants"] == 1
     assert m.tables["public.events"] == pg_super.execute("SELECT count(*) FROM events WHERE tenant_id = %s",
                                                          (tid,)).fetchone()[0] == 50
@@ -161,7 +164,7 @@ def test_tenant_backup_holds_only_that_tenants_rows(bk, pg_super):
     kinds = {a.kind for a in m.artifacts}
     assert kinds == {"pg_dump-custom", "copy-binary"}
     ks = keys.keystore(settings, env)
-    assert ks.current("tenant-shop-0002").id.hex() == m.key.id != ks.current("platform").id.hex()
+    assert ks.current(owner).id.hex() == m.key.id != ks.current("platform").id.hex()
 
 
 def test_unknown_tenant_is_invalid_input_and_leaves_nothing(bk, pg_super):
@@ -251,26 +254,38 @@ def test_list_and_prune_apply_retention_per_series(bk, pg_super):
         assert {lst.id for lst in store.list()} == {second.id, t.id}
 
 
-def test_shred_destroys_tenant_keys_here_and_in_escrow(bk, pg_super):
+def test_shred_destroys_tenant_keys_here_and_in_escrow(bk, pg_super, sandbox):
+    from dn.config import Settings
+
     settings, env = bk
+    # the keystore of every configured host is shredded too: the sandbox EU host, with a data dir
+    # of this test's own for its timers
+    host = {**sandbox.settings.host().model_dump(mode="json"), "dn_data_dir": f"/var/lib/dn-test-{uuid.uuid4().hex[:10]}"}
+    settings = Settings.model_validate({**settings.model_dump(mode="json"), "hosts": {"sandbox-eu1": host},
+                                        "default_host": "sandbox-eu1"})
     generate(pg_super, tenants=2, events=10)
     m = run.run_backup(settings, env, tenant="shop-0001")
+    owner = m.key.owner
     ks = keys.keystore(settings, env)
     assert ks.lookup(bytes.fromhex(m.key.id)) is not None
-    done = run.shred(settings, env, "shop-0001")
+    done = run.shred(settings, env, "shop-0001", owner)
     assert done["key_ids"] == [m.key.id] and done["escrow_removed"]
+    assert done["owners"] == [owner, "tenant-shop-0001"]
+    assert [c["keystore"] for c in done["checked"]] == ["operator", "host sandbox-eu1", "escrow eu-de-2"]
     assert ks.lookup(bytes.fromhex(m.key.id)) is None
     with run.open_store(settings) as store:
-        assert store.get_key("tenant-shop-0001") is None
-        assert store.destroyed_key_ids() == {m.key.id: "tenant-shop-0001"}
+        assert store.get_key(owner) is None
+        assert store.destroyed_key_ids() == {m.key.id: owner}
         rows = run.plan(settings, env, store)
         (row,) = [r for r in rows if r.listing.id == m.id]
         assert row.decision.tier == "shredded" and not row.decision.keep
     # a fresh machine with only the passphrase cannot get the key back from the escrow either
     fresh = settings.model_copy(update={"data_dir": settings.data_dir / "fresh"})
     with run.open_store(fresh) as store:
-        assert store.get_key("tenant-shop-0001") is None
-    assert run.shred(settings, env, "shop-0001")["key_ids"] == [m.key.id]  # idempotent
+        assert store.get_key(owner) is None
+    assert run.shred(settings, env, "shop-0001", owner)["key_ids"] == [m.key.id]  # idempotent
+    h = settings.host()
+    shutil.rmtree(h.path(h.dn_data_dir), ignore_errors=True)
 
 
 def test_manifest_is_uploaded_last(bk, pg_super):

@@ -164,7 +164,7 @@ def test_missing_or_wrong_key_fails_before_any_restore(bk, pg_super):
     swapped = settings.model_copy(update={"data_dir": Path(settings.data_dir) / "swapped"})
     Path(swapped.data_dir).mkdir()
     forged = keys.KeyStore(Path(swapped.data_dir) / "backup-keys", lambda: PASSPHRASE.encode())
-    forged.current("platform")
+    forged.create("platform")
     doc = json.loads((Path(swapped.data_dir) / "backup-keys" / "platform.json").read_text())
     assert doc["keys"][0]["id"] != m.key.id and ks_dir.exists()
     report = drill.run_drill(swapped, env, backup_id=m.id, notify=False)

@@ -47,7 +47,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(gdpr_env):
     assert kinds == {"docker container", "docker network", "nginx vhost", "firewall chain", "systemd unit"}
     assert {d["name"] for d in p["destroy"]} >= {"dn-t-shop-beta", "dn-shop-beta-tagging", "dn-shop-beta-preview"}
     assert p["crypto_erase"]["volume"].endswith("/var/lib/dn/volumes/shop-beta.luks")
-    assert p["crypto_shred"]["owner"] == "tenant-shop-beta"
+    assert p["crypto_shred"]["owner"].startswith(f"tenant-shop-beta.{ids['shop-beta']}-")  # the tenant's identity
     with gdpr_env.connect() as conn:
         assert snapshot(conn) == before
         assert conn.execute("SELECT count(*) FROM gdpr_runs").fetchone()[0] == 0
