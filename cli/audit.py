@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="The audit log of privileged actions: show, verify, prune.", no_args_is_help=True)
+app = typer.Typer(help="The audit log of privileged actions: show, verify, prune, key.", no_args_is_help=True)
 
 
 @app.command()
@@ -41,12 +41,14 @@ def verify(
     ctx: typer.Context,
     json: bool = typer.Option(False, "--json", help="print JSON"),
     no_witness: bool = typer.Option(False, "--no-witness",
-                                    help="ignore this machine's record of the last entry it saw (after a restore)"),
+                                    help="ignore this machine's witness file (after a restore); the second "
+                                         "region's witness is always checked"),
 ) -> None:
-    """Check the hash chain, the signed anchors, the chain head and this machine's witness.
-    Exits 4 and names every entry when tampering is found."""
+    """Check the hash chain, the signed anchors (against audit.anchor_keys), the chain head, the
+    newest witness in the second region and this machine's witness. Exits 4 and names every entry
+    when tampering is found, 2 when audit.anchor_keys or the second region is not configured."""
     from dn import audit
-    from dn.errors import PolicyViolation
+    from dn.errors import ConfigError, PolicyViolation
 
     c = ctx.obj
     result = audit.verify(c, use_witness=not no_witness)
@@ -56,13 +58,21 @@ def verify(
         start = f"anchor #{result.anchor.anchor_seq}" if result.anchor else "the start"
         c.out(f"checked {result.checked} entries from {start} to #{result.last_seq}"
               f" (head #{result.head_seq}, {result.anchors} anchor(s))")
+        rw = result.region_witness
+        c.out(f"second region's witness: #{rw.seq} of {rw.witnessed_at}" if rw else "second region's witness: none yet")
+        if result.recorded:
+            c.out(f"witness #{result.recorded.seq} added to the second region")
         for p in result.problems:
-            c.out(f"TAMPERED {p.kind:13} {p}")
+            c.out(f"{'UNVERIFIED' if p.kind == 'unverified' else 'TAMPERED'} {p.kind:13} {p}")
         if result.ok:
             c.out("audit log intact")
-    if not result.ok:
-        raise PolicyViolation(f"audit log verification failed: {len(result.problems)} problem(s)",
-                              runbook="incident-response#detection", where="audit")
+    if result.ok:
+        return
+    if all(p.kind == "unverified" for p in result.problems):
+        raise ConfigError("audit log not verified: " + "; ".join(p.detail for p in result.problems),
+                          hint=audit.UNVERIFIED_HINT)
+    raise PolicyViolation(f"audit log verification failed: {len(result.problems)} problem(s)",
+                          runbook="incident-response#detection", where="audit")
 
 
 @app.command()
@@ -76,6 +86,8 @@ def prune(
 
     c = ctx.obj
     days = c.settings.retention.audit_days
+    if not dry_run:
+        audit.require_signing_key(c.settings)  # before anything is locked or written
     if dry_run:
         result = audit.prune(c, days, dry_run=True)
     else:
@@ -90,3 +102,21 @@ def prune(
         verb = "would prune" if dry_run else "pruned"
         c.out(f"{verb} {result.count} entries #{result.first_seq}..#{result.last_seq} older than {days} days"
               + ("" if dry_run else f"; anchor signed by {audit.key_fingerprint(result.anchor.public_key)}"))
+
+
+@app.command()
+def key(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Print this machine's anchor key as audit.anchor_keys spells it (made on first use, mode 0600).
+    Pin it in the configuration of every machine that verifies the log: [audit] anchor_keys = ["ed25519:..."]."""
+    from dn import audit
+
+    c = ctx.obj
+    public = audit.public_key_b64(audit.anchor_key(c.settings))
+    pinned = public in audit.trusted_anchor_keys(c.settings)
+    if json:
+        c.out_json({"key": audit.pinned_key(public), "fingerprint": audit.key_fingerprint(public),
+                    "path": str(audit.anchor_key_path(c.settings)), "pinned": pinned})
+        return
+    c.out(audit.pinned_key(public))
+    if not pinned:
+        c.err.print("not pinned here yet: add it to [audit] anchor_keys (or DN__AUDIT__ANCHOR_KEYS)", soft_wrap=True)

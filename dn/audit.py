@@ -13,14 +13,24 @@ any entry breaks the chain. Appends take one advisory lock, and a trigger accept
 if it extends the chain head, so concurrent writers never fork the chain.
 
 Retention: :func:`prune` removes entries older than ``retention.audit_days`` only after writing an
-*anchor* — the last pruned entry's seq and hash, signed with an Ed25519 key kept in
-``<data_dir>/audit/`` — so the remaining chain stays verifiable from it.
+*anchor* — the last pruned entry's seq and hash and the database's own signing time, signed with
+an Ed25519 key kept in ``<data_dir>/audit/`` — so the remaining chain stays verifiable from it.
+The database refuses to prune entries younger than the configured retention (a floor only its
+owner role sets, at ``dn db init``), whoever calls it.
+
+Trust: an anchor or witness counts only when its key is pinned in the configuration
+(``audit.anchor_keys``; ``dn audit key`` prints this machine's). Without pinned keys, or without
+the second region, verification fails: it cannot tell a forged prune or a rewritten tail from a
+real one.
 
 :func:`verify` names every modified, missing, inserted or reordered entry. It also compares the
-chain with the head row kept by the database and with this machine's *witness* (the last entry
-this machine wrote or verified), which reveals a deleted tail even when the head row was edited
-too. What a hash chain cannot reveal: someone with superuser rights on the database who appends
-well-formed entries after the last entry any witness has seen and moves the head along.
+chain with the head row kept by the database, with the newest *witness* in the second region
+(``audit-witness/<seq>-<hash>.json``: a signed head seq and hash, one new file per witness, which
+someone holding only the database cannot rewrite) and with this machine's witness file; the
+witnesses reveal a refilled, rewritten or cut-off chain even when the head row was edited too.
+A clean verification on a machine whose anchor key is pinned adds a new witness in the region.
+What a hash chain cannot reveal: entries appended after the newest witness, then removed or
+rewritten by someone who also moves the head row (the window is the time between witnesses).
 """
 from __future__ import annotations
 
@@ -39,9 +49,10 @@ from enum import Enum
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from dn.errors import DnError, InvalidInput, OperationFailed, PolicyViolation
+from dn.errors import ConfigError, DnError, InvalidInput, OperationFailed, PolicyViolation
 
 if TYPE_CHECKING:
+    from dn.backup.store import Store
     from dn.config import Settings
     from dn.context import Context
     from dn.db import Connection
@@ -49,7 +60,10 @@ if TYPE_CHECKING:
 GENESIS = "0" * 64
 FORMAT = 1
 CHAIN_LOCK = int.from_bytes(b"dn:audit", "big")  # also in dn/schema/002_audit.sql
-MIN_RETENTION_DAYS = 30  # audit_prune() in the database refuses younger entries
+KEY_PREFIX = "ed25519:"  # how audit.anchor_keys spells a pinned key
+WITNESS_CONTEXT = b"dn audit witness v1\n"
+WITNESS_DIR = "audit-witness"  # in the second region (dn.backup.store)
+_WITNESS_NAME = re.compile(r"^(\d{12})-([0-9a-f]{64})\.json$")
 REDACTED = "[redacted]"
 PERSONAL = "[personal data redacted]"
 MAX_STRING = 1000
@@ -281,18 +295,7 @@ class Anchor:
             "pruned_from": self.pruned_from, "pruned_count": self.pruned_count, "signed_at": _ts(self.signed_at)})
 
     def signature_valid(self) -> bool:
-        # libsodium (PyNaCl) rather than OpenSSL: OpenSSL accepted an all-zero (small-order) public
-        # key with an all-zero signature, which any forger can write; libsodium rejects small-order
-        # keys and non-canonical signatures.
-        from nacl.exceptions import CryptoError
-        from nacl.signing import VerifyKey
-
-        try:
-            key = VerifyKey(base64.b64decode(self.public_key, validate=True))
-            key.verify(self.message(), base64.b64decode(self.signature, validate=True))
-            return True
-        except (CryptoError, ValueError, TypeError):
-            return False
+        return _ed25519_valid(self.public_key, self.message(), self.signature)
 
     def to_dict(self) -> dict[str, Any]:
         return {"anchor_seq": self.anchor_seq, "anchor_hash": self.anchor_hash, "anchor_at": _ts(self.anchor_at),
@@ -323,8 +326,59 @@ class Witness:
 
 
 @dataclass(frozen=True)
+class SignedWitness:
+    """A witness kept in the second region: the chain's head seq and hash, signed."""
+
+    seq: int
+    hash: str
+    witnessed_at: str
+    public_key: str
+    signature: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq:012d}-{self.hash}.json"
+
+    def message(self) -> bytes:
+        return WITNESS_CONTEXT + canonical({"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at})
+
+    def signature_valid(self) -> bool:
+        return _ed25519_valid(self.public_key, self.message(), self.signature)
+
+    def to_json(self) -> bytes:
+        return canonical({"format": FORMAT, "seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
+                          "public_key": self.public_key, "signature": self.signature}) + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "SignedWitness":
+        d = json.loads(raw)
+        return cls(int(d["seq"]), str(d["hash"]), str(d["witnessed_at"]), str(d["public_key"]), str(d["signature"]))
+
+    def as_witness(self) -> Witness:
+        return Witness(self.seq, self.hash, self.witnessed_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
+                "key_fingerprint": key_fingerprint(self.public_key)}
+
+
+def _ed25519_valid(public_key: str, message: bytes, signature: str) -> bool:
+    # libsodium (PyNaCl) rather than OpenSSL: OpenSSL accepted an all-zero (small-order) public
+    # key with an all-zero signature, which any forger can write; libsodium rejects small-order
+    # keys and non-canonical signatures.
+    from nacl.exceptions import CryptoError
+    from nacl.signing import VerifyKey
+
+    try:
+        VerifyKey(base64.b64decode(public_key, validate=True)).verify(message, base64.b64decode(signature, validate=True))
+        return True
+    except (CryptoError, ValueError, TypeError):
+        return False
+
+
+@dataclass(frozen=True)
 class Problem:
-    kind: str  # modified | missing | inserted | broken-link | out-of-order | head | witness | anchor
+    kind: str  # modified | missing | inserted | broken-link | out-of-order | head | witness | anchor | unverified
     seq: int | None
     detail: str
 
@@ -344,6 +398,8 @@ class VerifyResult:
     trusted_keys: int
     witness: Witness | None
     problems: list[Problem] = field(default_factory=list)
+    region_witness: SignedWitness | None = None  # the newest valid one checked
+    recorded: SignedWitness | None = None  # the witness this verification added to the region
 
     @property
     def ok(self) -> bool:
@@ -357,6 +413,8 @@ class VerifyResult:
             "trusted_anchor_keys": self.trusted_keys,
             "witness": {"seq": self.witness.seq, "hash": self.witness.hash, "seen_at": self.witness.seen_at}
             if self.witness else None,
+            "region_witness": self.region_witness.to_dict() if self.region_witness else None,
+            "recorded_witness": self.recorded.to_dict() if self.recorded else None,
             "problems": [{"kind": p.kind, "seq": p.seq, "detail": p.detail} for p in self.problems],
         }
 
@@ -367,8 +425,13 @@ def _span(a: int, b: int) -> str:
 
 def verify_chain(entries: Sequence[Entry], *, head: tuple[int, str] | None = None,
                  anchors: Sequence[Anchor] = (), trusted_keys: set[str] | None = None,
-                 witness: Witness | None = None) -> VerifyResult:
-    """Check a chain (entries in seq order) and name every entry that breaks it."""
+                 witness: Witness | None = None, region: SignedWitness | None = None) -> VerifyResult:
+    """Check a chain (entries in seq order) and name every entry that breaks it.
+
+    ``trusted_keys`` are the pinned anchor keys (base64): an anchor signed by any other key, or
+    any anchor at all when none is pinned, is a problem. ``witness`` is this machine's record,
+    ``region`` the newest signed witness from the second region (its signature is checked by
+    the caller)."""
     problems: list[Problem] = []
     base_seq, base_hash, base_at = 0, GENESIS, None
     expected_from = 1
@@ -376,9 +439,12 @@ def verify_chain(entries: Sequence[Entry], *, head: tuple[int, str] | None = Non
         where = f"anchor over #{a.pruned_from}..#{a.anchor_seq}"
         if not a.signature_valid():
             problems.append(Problem("anchor", a.anchor_seq, f"{where}: signature does not verify (anchor forged or altered)"))
-        elif trusted_keys is not None and a.public_key not in trusted_keys:
+        elif not trusted_keys:
+            problems.append(Problem("anchor", a.anchor_seq, f"{where}: signed by {key_fingerprint(a.public_key)}, but "
+                                                             "no anchor key is pinned (audit.anchor_keys)"))
+        elif a.public_key not in trusted_keys:
             problems.append(Problem("anchor", a.anchor_seq, f"{where}: signed by {key_fingerprint(a.public_key)}, "
-                                                             "which is not a trusted anchor key"))
+                                                             "which is not a pinned anchor key (audit.anchor_keys)"))
         if a.pruned_from != expected_from:
             problems.append(Problem("missing", expected_from, f"{_span(expected_from, a.pruned_from - 1)} "
                                     "missing: removed without an anchor" if a.pruned_from > expected_from else
@@ -419,25 +485,28 @@ def verify_chain(entries: Sequence[Entry], *, head: tuple[int, str] | None = Non
                                                         "not appended through dn (forged)"))
         elif hh != prev_hash:
             problems.append(Problem("head", hs, "the chain head's hash differs from this entry's (head or entry altered)"))
-    if witness is not None:
-        if witness.seq > last_seq:
-            problems.append(Problem("witness", witness.seq, f"this machine saw the chain reach #{witness.seq} on "
-                                    f"{witness.seen_at}; it now ends at #{last_seq} (tail deleted)"))
-        elif witness.seq > base_seq:
-            seen = next((e for e in entries if e.seq == witness.seq), None)
-            if seen is not None and seen.hash != witness.hash:
-                problems.append(Problem("witness", witness.seq, f"differs from the hash this machine recorded on "
-                                        f"{witness.seen_at} (history rewritten)"))
-        elif witness.seq == base_seq and base_seq and witness.hash != base_hash:
-            problems.append(Problem("witness", witness.seq, "the anchor's hash differs from the one this machine "
-                                                            f"recorded on {witness.seen_at}"))
+    for who, w in (("this machine", witness), ("the second region's witness", region.as_witness() if region else None)):
+        if w is None:
+            continue
+        if w.seq > last_seq:
+            problems.append(Problem("witness", w.seq, f"{who} saw the chain reach #{w.seq} on "
+                                    f"{w.seen_at}; it now ends at #{last_seq} (tail deleted)"))
+        elif w.seq > base_seq:
+            seen = next((e for e in entries if e.seq == w.seq), None)
+            if seen is not None and seen.hash != w.hash:
+                problems.append(Problem("witness", w.seq, f"differs from the hash {who} recorded on "
+                                        f"{w.seen_at} (history rewritten)"))
+        elif w.seq == base_seq and base_seq and w.hash != base_hash:
+            problems.append(Problem("witness", w.seq, f"the anchor's hash differs from the one {who} "
+                                                      f"recorded on {w.seen_at}"))
 
     live = [e for e in entries if e.seq > base_seq]
     return VerifyResult(
         checked=checked, first_seq=live[0].seq if live else None, last_seq=last_seq,
         head_seq=head[0] if head else None, head_hash=head[1] if head else None,
         anchor=max(anchors, key=lambda a: a.anchor_seq) if anchors else None, anchors=len(anchors),
-        trusted_keys=len(trusted_keys) if trusted_keys else 0, witness=witness, problems=problems)
+        trusted_keys=len(trusted_keys) if trusted_keys else 0, witness=witness, problems=problems,
+        region_witness=region)
 
 
 _DURATION = re.compile(r"^\s*(\d{1,6})\s*(m|min|h|d|w)\s*$")
@@ -513,21 +582,31 @@ def public_key_b64(private_key) -> str:
     return base64.b64encode(raw).decode()
 
 
-def trusted_anchor_keys(settings: "Settings") -> set[str] | None:
-    """Public keys whose anchors this machine trusts: its own anchor key, plus the lines of
-    ``<data_dir>/audit/trusted_anchor_keys`` (base64 raw Ed25519 keys; ``#`` starts a comment).
-    None when there is neither (then an anchor is checked only against its own stored key)."""
-    keys: set[str] = set()
-    own = anchor_key(settings, create=False)
-    if own is not None:
-        keys.add(public_key_b64(own))
-    extra = audit_dir(settings) / "trusted_anchor_keys"
-    if extra.exists():
-        for line in extra.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.add(line)
-    return keys or None
+def pinned_key(public_b64: str) -> str:
+    """How ``audit.anchor_keys`` spells a public key: ``ed25519:<base64>``."""
+    return KEY_PREFIX + public_b64
+
+
+def trusted_anchor_keys(settings: "Settings") -> set[str]:
+    """The public keys (base64) pinned in ``audit.anchor_keys``: the only ones whose anchors and
+    witnesses count. Not this machine's own key unless pinned: a key file anyone can replace is
+    no anchor of trust, and a machine without it (CI, a second operator) must judge the same."""
+    return {k[len(KEY_PREFIX):] for k in settings.audit.anchor_keys}
+
+
+UNVERIFIED_HINT = ('set [audit] anchor_keys = ["ed25519:..."] to the key `dn audit key` prints on the machine that '
+                   'prunes and witnesses the log, and configure [backup] (the second region); see README, Configuration')
+_KEYS_HINT = ('pin the key of the installation that prunes and witnesses the log: run `dn audit key` there and '
+              'add what it prints to the configuration, [audit] anchor_keys = ["ed25519:..."] '
+              '(or DN__AUDIT__ANCHOR_KEYS)')
+
+
+def signing_key(settings: "Settings", *, create: bool = False):
+    """This machine's anchor key when it is pinned in ``audit.anchor_keys``, else None."""
+    key = anchor_key(settings, create=create)
+    if key is None or public_key_b64(key) not in trusted_anchor_keys(settings):
+        return None
+    return key
 
 
 def operator_key_fingerprint(settings: "Settings", host: str | None = None) -> str | None:
@@ -805,24 +884,109 @@ def _snapshot(conn: "Connection") -> tuple[list[Entry], tuple[int, str] | None, 
     return entries, ((h["seq"], h["hash"]) if h else None), anchors
 
 
-def verify(ctx: "Context", *, use_witness: bool = True) -> VerifyResult:
+def read_region_witness(store: "Store", trusted: set[str]) -> tuple[SignedWitness | None, list[Problem]]:
+    """The newest witness in the second region signed by a pinned key, and a problem for every
+    newer file that is not one (unreadable, misnamed, forged or signed by another key)."""
+    problems: list[Problem] = []
+    found = []
+    for name in store.records(WITNESS_DIR):
+        m = _WITNESS_NAME.match(name)
+        if m is None:
+            problems.append(Problem("witness", None, f"{WITNESS_DIR}/{name} in the second region is not a witness file"))
+        else:
+            found.append((int(m.group(1)), name))
+    for seq, name in sorted(found, reverse=True):
+        where = f"{WITNESS_DIR}/{name} in the second region"
+        try:
+            w = SignedWitness.from_json(store.read_record(WITNESS_DIR, name))
+        except (ValueError, KeyError, TypeError):
+            problems.append(Problem("witness", seq, f"{where} is unreadable"))
+            continue
+        if w.name != name or not w.signature_valid():
+            problems.append(Problem("witness", seq, f"{where}: signature does not verify (witness forged or altered)"))
+        elif w.public_key not in trusted:
+            problems.append(Problem("witness", seq, f"{where}: signed by {key_fingerprint(w.public_key)}, which is not "
+                                                    "a pinned key (audit.anchor_keys)"))
+        else:
+            return w, problems
+    return None, problems
+
+
+def record_region_witness(store: "Store", key, seq: int, hash_: str) -> SignedWitness | None:
+    """Add a signed witness of ``seq``/``hash_`` to the second region as a new file (an existing
+    one is never replaced); None when that witness is there already."""
+    unsigned = SignedWitness(seq, hash_, _ts(datetime.now(timezone.utc)), public_key_b64(key), "")
+    w = SignedWitness(**{**unsigned.__dict__, "signature": base64.b64encode(key.sign(unsigned.message())).decode()})
+    return w if store.add_record(WITNESS_DIR, w.name, w.to_json()) else None
+
+
+def _unverified(settings: "Settings") -> list[Problem]:
+    """What makes a verification unable to judge, known before any I/O."""
+    out = []
+    if not settings.audit.anchor_keys:
+        out.append(Problem("unverified", None, "audit.anchor_keys is not set: no anchor or witness can be trusted, so "
+                                               "a forged prune or a rewritten chain would look intact"))
+    if settings.backup is None:
+        out.append(Problem("unverified", None, "backup is not configured: the chain's witness is kept in the second "
+                                               "region, and without it a deleted or rewritten tail goes unseen"))
+    return out
+
+
+def verify(ctx: "Context", *, use_witness: bool = True, store: "Store | None" = None) -> VerifyResult:
     """Verify the whole chain from the latest anchor (or the start), against the head row, the
-    trusted anchor keys and this machine's witness. A clean result moves the witness forward."""
+    pinned anchor keys, the newest witness in the second region and (unless ``use_witness`` is
+    False) this machine's witness file. Fails when keys or region are not configured. A clean
+    result moves this machine's witness forward and, where this machine's anchor key is pinned,
+    adds a witness to the region. ``store`` is an open second-region store to use."""
     from dn import db
 
     settings = ctx.settings
-    with db.connect(settings.database, application_name="dn audit verify") as conn, \
-            db.translate_errors("verifying the audit log"):
-        entries, head, anchors = _snapshot(conn)
-    result = verify_chain(entries, head=head, anchors=anchors, trusted_keys=trusted_anchor_keys(settings),
-                          witness=read_witness(settings) if use_witness else None)
-    if result.ok and use_witness and result.last_seq > 0:
+    trusted = trusted_anchor_keys(settings)
+    unverified = _unverified(settings)
+    local = read_witness(settings) if use_witness else None
+    region, region_problems = None, []
+    own = None
+    try:
+        if not unverified:
+            if store is None:
+                from dn.backup.run import open_store
+
+                store = own = open_store(settings)
+            # The region first: a witness added after our snapshot could be newer than it.
+            region, region_problems = read_region_witness(store, trusted)
+        with db.connect(settings.database, application_name="dn audit verify") as conn, \
+                db.translate_errors("verifying the audit log"):
+            entries, head, anchors = _snapshot(conn)
+        result = verify_chain(entries, head=head, anchors=anchors, trusted_keys=trusted, witness=local, region=region)
+        result.problems = unverified + region_problems + result.problems
+        if not result.ok or result.last_seq <= 0:
+            return result
         last_hash = entries[-1].hash if entries else (result.anchor.anchor_hash if result.anchor else GENESIS)
-        try:
-            _record_witness(settings, result.last_seq, last_hash)
-        except OSError as err:
-            ctx.err.print(f"[yellow]warning:[/] could not update the audit witness file: {err.strerror}", soft_wrap=True)
-    return result
+        if use_witness:
+            try:
+                _record_witness(settings, result.last_seq, last_hash)
+            except OSError as err:
+                ctx.err.print(f"[yellow]warning:[/] could not update the audit witness file: {err.strerror}",
+                              soft_wrap=True)
+        key = signing_key(settings)
+        if key is not None and store is not None and (region is None or region.seq < result.last_seq):
+            result.recorded = record_region_witness(store, key, result.last_seq, last_hash)
+        return result
+    finally:
+        if own is not None:
+            own.close()
+
+
+def require_signing_key(settings: "Settings"):
+    """This machine's anchor key, which must be pinned in ``audit.anchor_keys`` (checked before
+    any I/O: an anchor signed by an unpinned key would not verify anywhere)."""
+    key = signing_key(settings)
+    if key is None:
+        own = anchor_key(settings, create=False)
+        which = key_fingerprint(public_key_b64(own)) if own is not None else "none made yet"
+        raise ConfigError(f"audit.anchor_keys does not pin this machine's anchor key ({which}): "
+                          "its anchors would not verify", hint=_KEYS_HINT)
+    return key
 
 
 @dataclass
@@ -842,14 +1006,18 @@ class PruneResult:
 
 
 def prune(ctx: "Context", older_than_days: int | None = None, *, dry_run: bool = False) -> PruneResult:
-    """Remove entries older than ``older_than_days`` (default ``retention.audit_days``) after
-    writing a signed anchor. Refuses when the chain does not verify: pruning would erase evidence."""
+    """Remove entries older than ``older_than_days`` (default and floor ``retention.audit_days``)
+    after writing an anchor signed by this machine's pinned key. Refuses when the chain does not
+    verify: pruning would erase evidence."""
     from dn import db
 
     settings = ctx.settings
-    days = settings.retention.audit_days if older_than_days is None else older_than_days
-    if days < MIN_RETENTION_DAYS:
-        raise InvalidInput("older_than_days", f"must be at least {MIN_RETENTION_DAYS} (the database refuses younger entries)")
+    floor = settings.retention.audit_days
+    days = floor if older_than_days is None else older_than_days
+    if days < floor:
+        raise InvalidInput("older_than_days", f"must be at least retention.audit_days ({floor}): "
+                                              "the database refuses younger entries")
+    key = None if dry_run else require_signing_key(settings)
     check = verify(ctx)
     if not check.ok:
         raise PolicyViolation(f"refusing to prune: the audit log does not verify ({len(check.problems)} problems, "
@@ -858,7 +1026,8 @@ def prune(ctx: "Context", older_than_days: int | None = None, *, dry_run: bool =
     with db.connect(settings.database, application_name=f"dn audit prune {ctx.request_id}") as conn, \
             db.translate_errors("pruning the audit log"), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
-        now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        # The transaction's time: audit_prune() dates the anchor with it, whatever we say.
+        now = conn.execute("SELECT now()").fetchone()[0]
         cutoff = now - timedelta(days=days)
         # Entry times never go backwards (the append trigger), so old entries form a prefix.
         span = db.row(conn, "SELECT min(seq) AS first, max(seq) AS last, count(*) AS n FROM audit_log WHERE at < %s",
@@ -869,13 +1038,13 @@ def prune(ctx: "Context", older_than_days: int | None = None, *, dry_run: bool =
             return result
         last = db.row(conn, "SELECT hash, at FROM audit_log WHERE seq = %s", (span["last"],))
         assert last is not None
-        key = anchor_key(settings)
+        assert key is not None
         unsigned = Anchor(span["last"], last["hash"], last["at"], span["first"], span["n"], now,
                           public_key_b64(key), "")
         anchor = Anchor(**{**unsigned.__dict__,
                            "signature": base64.b64encode(key.sign(unsigned.message())).decode()})
-        conn.execute("SELECT audit_prune(%s, %s, %s, %s, %s, %s, %s)",
+        conn.execute("SELECT audit_prune(%s, %s, %s, %s, %s, %s)",
                      (anchor.anchor_seq, anchor.anchor_hash, anchor.pruned_from, anchor.pruned_count,
-                      anchor.signed_at, anchor.public_key, anchor.signature))
+                      anchor.public_key, anchor.signature))
         result.anchor = anchor
     return result

@@ -1,9 +1,10 @@
-"""Audit log claims: the hash chain verifies, and retention is 90 days — nothing older remains
-(pruned behind a signed anchor), nothing younger was pruned.
+"""Audit log claims: the hash chain verifies (against the pinned anchor keys and the witness kept
+in the second region), the region's witness is recent, and retention is 90 days — nothing older
+remains (pruned behind a signed anchor), nothing younger was pruned.
 """
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from dn.verify.core import Status, plural
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
 
 TRUST_DAYS = 90  # "An append-only audit log of all privileged actions (90-day retention)"
 GRACE_DAYS = 1  # the prune runs daily: an entry may outlive the retention by up to a day
+# The daily verify adds a witness; older than this, the unwitnessed tail (entries anyone holding
+# the database could remove unseen) is more than a day's worth.
+WITNESS_MAX_AGE = timedelta(hours=36)
 
 
 def check_chain(probe: "Probe") -> tuple[Status, list[str]]:
@@ -20,12 +24,39 @@ def check_chain(probe: "Probe") -> tuple[Status, list[str]]:
     ev = [f"{plural(r.checked, 'entry', 'entries')} checked"
           + (f" (#{r.first_seq}..#{r.last_seq})" if r.first_seq is not None else "")
           + f"; chain head #{r.head_seq}; {plural(r.anchors, 'anchor')}"
-          + (f", latest over #..{r.anchor.anchor_seq}" if r.anchor else "")]
+          + (f", latest over #..{r.anchor.anchor_seq}" if r.anchor else "")
+          + f"; {plural(r.trusted_keys, 'pinned key')}"]
+    ev.append(f"second region's witness: #{r.region_witness.seq} of {r.region_witness.witnessed_at}"
+              if r.region_witness else "no witness in the second region yet")
+    if r.recorded:
+        ev.append(f"added witness #{r.recorded.seq} to the second region")
     ev.append(f"witness of this machine: #{r.witness.seq} seen {r.witness.seen_at}" if r.witness
               else "no witness on this machine yet (first verification here)")
     if r.ok:
         return Status.PASS, ev
     return Status.FAIL, [f"{p.kind}: {p}" for p in r.problems] + ev
+
+
+def check_witness(probe: "Probe", now: datetime | None = None) -> tuple[Status, list[str]]:
+    """The newest witness in the second region (signed by a pinned key; the chain check compares
+    the chain with it) covers the whole chain or is at most WITNESS_MAX_AGE old."""
+    r = probe.audit_verify()
+    unverified = [str(p) for p in r.problems if p.kind == "unverified"]
+    if unverified:
+        return Status.FAIL, unverified
+    w = r.recorded or r.region_witness
+    if w is None:
+        if r.last_seq <= 0:
+            return Status.PASS, ["the audit log is empty: nothing to witness yet"]
+        return Status.FAIL, [f"no witness in the second region for a chain of #{r.last_seq}: entries can be removed "
+                             "from the end unseen; pin the anchor key of the machine that runs `dn verify` daily"]
+    age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(w.witnessed_at)
+    line = (f"newest witness #{w.seq} of {w.witnessed_at} ({age.total_seconds() / 3600:.1f} h old), chain at "
+            f"#{r.last_seq}")
+    if w.seq < r.last_seq and age > WITNESS_MAX_AGE:
+        return Status.FAIL, [f"{line}: older than {WITNESS_MAX_AGE.total_seconds() / 3600:.0f} h, so the entries "
+                             "after it have no witness the database cannot rewrite"]
+    return Status.PASS, [line]
 
 
 def check_retention(probe: "Probe") -> tuple[Status, list[str]]:
