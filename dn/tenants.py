@@ -703,10 +703,19 @@ def run_stack(settings: "Settings", st: Any, op: str, *, on_event: OnEvent | Non
     elif op == "destroy":
         out = engine.destroy(st, on_event=cb, remove=True, **takeover)
         res.purge = out.purge.to_dict() if out.purge else None
+        _require_purged(res.purge)
     else:
         raise ValueError(op)
     res.changes = out.changes
     return res
+
+
+def _require_purged(purge: dict[str, Any] | None) -> None:
+    """A removed stack whose state still has copies (a file naming it or holding its ciphertexts)
+    is a failure, not a success to report."""
+    if purge and purge.get("remaining"):
+        raise OperationFailed(f"the stack was removed but copies of its state remain: {', '.join(purge['remaining'])}",
+                              where=f"stack {purge.get('stack')}", hint="remove them and rerun the same command")
 
 
 def _stack_exists(settings: "Settings", name: str) -> bool:
@@ -916,6 +925,11 @@ def destroy_stack(ctx: "Context", spec: TenantSpec, others: Sequence[TenantRecor
     defaults to the tenant's registered host."""
     settings = ctx.settings
     if not _stack_exists(settings, spec.slug):
+        # removed already (a rerun after a failure or a crash): what an earlier removal left still goes
+        from dn import engine
+
+        _require_purged(engine.purge_stack(settings.backend_url, engine.stack_work_dir(settings, spec.slug).parent,
+                                           spec.slug).to_dict())
         return None
     if host is None:
         with connect(settings, "destroy stack") as conn:

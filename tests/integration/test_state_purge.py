@@ -9,6 +9,7 @@ whose name starts the same is never touched.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def test_what_an_earlier_removal_left_is_purged_later(settings, env, tmp_path):
     assert naming([backend, work_root], "leftover") == [] and holding([backend, work_root], markers) == []
     again = engine.purge_stack(settings.backend_url, work_root, "leftover")
     assert again.removed == [] and again.remaining == []
+
+
+def test_a_rerun_destroy_of_a_removed_stack_purges_what_is_left(settings, env, tmp_path):
+    """`dn tenant destroy` / the GDPR stack step rerun after the stack itself was removed (no work
+    dir any more) still removes the stack's leftovers instead of reporting nothing to do."""
+    from dn import tenants
+    from dn.context import Context
+    from dn.models import TenantSpec
+
+    backend = backend_dir(settings)
+    work_root = engine.stack_work_dir(settings, "x").parent
+    st = make(settings, env, tmp_path, "rerun", rounds=2)
+    st.destroy()
+    st.workspace.remove_stack("rerun")  # Pulumi's plain removal: .bak and backups stay
+    shutil.rmtree(work_root / "rerun")
+    assert naming([backend], "rerun")
+    ctx = Context(environ=env, _settings=settings)
+    assert tenants.destroy_stack(ctx, TenantSpec.model_construct(slug="rerun"), []) is None
+    assert naming([backend, work_root], "rerun") == []
