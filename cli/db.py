@@ -27,7 +27,8 @@ def init(
                   "bootstrap_roles": bool(bootstrap_dsn)}
     # Migrate first, then audit: before the first migration there is no audit log to write to.
     try:
-        applied = db.migrate(c.settings.database, bootstrap_dsn=bootstrap_dsn)
+        applied = db.migrate(c.settings.database, bootstrap_dsn=bootstrap_dsn,
+                             audit_retention_days=c.settings.retention.audit_days)
     except BaseException as e:
         outcome, code = audit.outcome_of(e)
         try:

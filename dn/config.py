@@ -169,7 +169,7 @@ class RetentionConfig(Strict):
     events_days: int = Field(15, ge=1, le=3650)
     aggregates_months: int = Field(24, ge=1, le=240)
     accounting_years: int = Field(5, ge=5, le=15, description="Czech law: 5 y invoices; VAT records may need 10")
-    audit_days: int = Field(90, ge=30, le=3650)
+    audit_days: int = Field(90, ge=90, le=3650, description="the trust page promises 90; the database enforces it as the prune floor")
     backup_daily_days: int = Field(30, ge=1, le=365)
     backup_monthly_months: int = Field(12, ge=0, le=120)
     gdpr_deadline_days: int = Field(30, ge=1, le=30)
@@ -255,6 +255,27 @@ class DRConfig(Strict):
     checks_file: Path | None = Field(None, description='TOML of extra sanity checks: [[check]] name = "..." sql = "..."')
 
 
+AUDIT_KEY_RE = r"^ed25519:[A-Za-z0-9+/]{43}=$"
+
+
+class AuditConfig(Strict):
+    """The audit log: whose signatures on its anchors and witnesses are trusted."""
+
+    anchor_keys: list[str] = Field(
+        default_factory=list,
+        description='pinned Ed25519 public keys, "ed25519:<base64>" (`dn audit key` prints this machine\'s); '
+                    "verification fails while none is set",
+    )
+
+    @field_validator("anchor_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if not re.fullmatch(AUDIT_KEY_RE, k.strip()):
+                raise ValueError(f"{k!r} must be \"ed25519:<base64 of the 32-byte public key>\" as `dn audit key` prints it")
+        return [k.strip() for k in v]
+
+
 class VerifyConfig(Strict):
     """dn verify: what it checks beyond what the registry and the host report."""
 
@@ -288,6 +309,7 @@ class Settings(Strict):
     tls: TLSConfig = TLSConfig()
     dr: DRConfig = DRConfig()
     verify: VerifyConfig = VerifyConfig()
+    audit: AuditConfig = AuditConfig()
     source: str = Field("embedded default", description="where these settings came from")
 
     @field_validator("hosts", "plans")

@@ -335,8 +335,10 @@ def _check_unchanged(known: list[Migration], applied: dict[int, AppliedMigration
 
 
 def migrate(dbcfg: "DatabaseConfig", *, bootstrap_dsn: str | None = None,
-            schema_dir: Path = SCHEMA_DIR) -> list[Migration]:
-    """Apply the pending migrations as the owner role; returns those applied (idempotent)."""
+            schema_dir: Path = SCHEMA_DIR, audit_retention_days: int | None = None) -> list[Migration]:
+    """Apply the pending migrations as the owner role; returns those applied (idempotent).
+    ``audit_retention_days`` (retention.audit_days) becomes the audit prune's floor, which only
+    the owner role can set."""
     known = migrations(schema_dir)
     if not dbcfg.admin_dsn:
         raise ConfigError("database.admin_dsn is not set: `dn db init` runs as the database owner role")
@@ -372,6 +374,8 @@ def migrate(dbcfg: "DatabaseConfig", *, bootstrap_dsn: str | None = None,
                     raise OperationFailed(f"migration {m.filename} failed and was rolled back: {_first_line(e)}",
                                           where="database") from None
                 done.append(m)
+            if audit_retention_days is not None:
+                conn.execute("SELECT audit_set_retention(%s)", (audit_retention_days,))
         finally:
             if not conn.closed:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))

@@ -102,9 +102,14 @@ CLAIMS: tuple[Claim, ...] = (
           backups.check_drill),
     Claim("audit.chain",
           "An append-only audit log of all privileged actions",
-          "dn audit verify: every entry's hash, the chain links, the head row, the signed anchors and this "
-          "machine's witness",
+          "dn audit verify: every entry's hash, the chain links, the head row, the anchors (signed by a key pinned "
+          "in audit.anchor_keys), the newest signed witness in the second region and this machine's witness",
           auditlog.check_chain),
+    Claim("audit.witness",
+          "An append-only audit log of all privileged actions",
+          "the newest witness of the chain's head in the second region (a new signed file per witness, out of the "
+          "database's reach) is signed by a pinned key and covers the whole chain or is at most 36 h old",
+          auditlog.check_witness),
     Claim("audit.retention",
           "An append-only audit log of all privileged actions (90-day retention)",
           "no entry older than retention.audit_days (+1 day for the daily prune) remains; the chain starts right "

@@ -10,12 +10,19 @@ import psycopg
 import pytest
 
 from dn import audit, db
-from dn.errors import ExitCode, Locked, OperationFailed, PolicyViolation
+from dn.context import Context
+from dn.errors import ExitCode, InvalidInput, Locked, OperationFailed, PolicyViolation
 from tests.fixtures.postgres import backdate_audit, tampering
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]
 ROOT = Path(__file__).resolve().parents[2]
 DN = str(ROOT / ".venv" / "bin" / "dn")
+
+
+@pytest.fixture(autouse=True)
+def region(audit_region):
+    """Every test here runs with a second region (where verification finds the chain's witness)."""
+    return audit_region
 
 
 def cli(args, env):
@@ -145,9 +152,9 @@ def test_app_role_cannot_prune_without_writing_an_anchor(dn_ctx, dn_settings, pg
     key, sig = "A" * 43 + "=", "A" * 86 + "=="
     with db.connect(dn_settings.database) as c:
         # Recent entries: refused however the call is made.
-        with pytest.raises(psycopg.errors.CheckViolation, match="younger than 30 days"):
-            c.execute("SELECT audit_prune(%s, %s, 1, 2, now(), %s, %s)", (2, e2.hash, key, sig))
-    backdate_audit(pg_super, [1, 2, 3], days=40, settings=dn_ctx.settings)
+        with pytest.raises(psycopg.errors.CheckViolation, match="younger than 90 days"):
+            c.execute("SELECT audit_prune(%s, %s, 1, 2, %s, %s)", (2, e2.hash, key, sig))
+    backdate_audit(pg_super, [1, 2, 3], days=100, settings=dn_ctx.settings)
     e1, e2, _ = audit.show(dn_ctx)
     with db.connect(dn_settings.database) as c:
         for args, match in [
@@ -157,15 +164,106 @@ def test_app_role_cannot_prune_without_writing_an_anchor(dn_ctx, dn_settings, pg
             ((2, e2.hash, 1, 2, "", ""), "audit_anchor_public_key_check"),
         ]:
             with pytest.raises(psycopg.Error, match=match):
-                c.execute("SELECT audit_prune(%s, %s, %s, %s, now(), %s, %s)", args)
+                c.execute("SELECT audit_prune(%s, %s, %s, %s, %s, %s)", args)
         assert pg_super.execute("SELECT count(*) FROM audit_log").fetchone()[0] == 3
         assert pg_super.execute("SELECT count(*) FROM audit_anchor").fetchone()[0] == 0
         # The function removes entries only together with the anchor it writes first.
-        assert c.execute("SELECT audit_prune(%s, %s, 1, 2, now(), %s, %s)", (2, e2.hash, key, sig)).fetchone()[0] == 2
+        assert c.execute("SELECT audit_prune(%s, %s, 1, 2, %s, %s)", (2, e2.hash, key, sig)).fetchone()[0] == 2
     anchor = pg_super.execute("SELECT anchor_seq, anchor_hash, pruned_from, pruned_count FROM audit_anchor").fetchall()
     assert anchor == [(2, e2.hash, 1, 2)]
     # That anchor was not signed by dn's key: verify says so.
     assert ("anchor", 2) in problems(dn_ctx)
+
+
+def _fresh_key_anchor(conn, upto, first=1, signed_at=None):
+    """What someone holding only the `dn` credential does: sign an anchor with a key of their own,
+    dated as they like (the old audit_prune() took the signing time from its caller)."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    e = db.row(conn, "SELECT hash, at FROM audit_log WHERE seq = %s", (upto,))
+    key = Ed25519PrivateKey.generate()
+    claimed = signed_at or e["at"] + timedelta(days=91)  # a date that would pass the 90-day retention check
+    a = audit.Anchor(upto, e["hash"], e["at"], first, upto - first + 1, claimed, audit.public_key_b64(key), "")
+    return audit.Anchor(**{**a.__dict__, "signature": __import__("base64").b64encode(key.sign(a.message())).decode()})
+
+
+def test_dn_role_cannot_forge_a_prune_of_entries_younger_than_the_retention(dn_ctx, dn_settings, pg_super):
+    # 31..89 days old: inside the promised 90 days.
+    append_some(dn_ctx, 4)
+    backdate_audit(pg_super, [1, 2, 3], days=60, settings=dn_ctx.settings)
+    with db.connect(dn_settings.database) as c:
+        a = _fresh_key_anchor(c, 2)
+        with pytest.raises(psycopg.errors.UndefinedFunction):  # no signing time from the caller any more
+            c.execute("SELECT audit_prune(%s, %s, %s, %s, %s, %s, %s)",
+                      (a.anchor_seq, a.anchor_hash, 1, 2, a.signed_at, a.public_key, a.signature))
+        with pytest.raises(psycopg.errors.CheckViolation, match="younger than 90 days"):
+            c.execute("SELECT audit_prune(%s, %s, 1, 2, %s, %s)", (a.anchor_seq, a.anchor_hash, a.public_key, a.signature))
+        # ...and the floor is the database's: the `dn` role cannot lower it.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT audit_set_retention(30)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE audit_settings SET retention_days = 30")
+    assert pg_super.execute("SELECT count(*) FROM audit_log").fetchone()[0] == 4
+
+
+@pytest.mark.parametrize("dated", ["as-the-forger-likes", "by-the-database"])
+def test_dn_role_prune_under_a_fresh_key_does_not_verify(dn_ctx, dn_settings, dn_cli_env, pg_super, tmp_path, dated):
+    append_some(dn_ctx, 4)
+    backdate_audit(pg_super, [1, 2], days=100, settings=dn_ctx.settings)
+    assert audit.verify(dn_ctx).ok
+    with db.connect(dn_settings.database) as c, c.transaction():
+        now = c.execute("SELECT now()").fetchone()[0]
+        a = _fresh_key_anchor(c, 2, signed_at=now if dated == "by-the-database" else None)
+        c.execute("SELECT audit_prune(%s, %s, 1, 2, %s, %s)", (a.anchor_seq, a.anchor_hash, a.public_key, a.signature))
+    # The database dated the anchor itself, whatever the forger signed.
+    (signed_at,) = pg_super.execute("SELECT signed_at FROM audit_anchor").fetchone()
+    assert signed_at == now
+    # A machine without this data dir's key file or witness (the daily CI verify) judges by the
+    # pinned keys only: the anchor is not signed by one of them.
+    r = cli(["audit", "verify", "--no-witness"], {**dn_cli_env, "DN__DATA_DIR": str(tmp_path / "ci")})
+    assert r.returncode == ExitCode.POLICY, r.stdout + r.stderr
+    assert "TAMPERED anchor" in r.stdout and "audit log intact" not in r.stdout
+    assert ("not a pinned anchor key (audit.anchor_keys)" if dated == "by-the-database"
+            else "signature does not verify") in r.stdout
+
+
+def test_verify_fails_closed_without_pinned_keys(dn_ctx, dn_cli_env):
+    append_some(dn_ctx, 2)
+    r = cli(["audit", "verify"], {**dn_cli_env, "DN__AUDIT__ANCHOR_KEYS": "[]"})
+    assert r.returncode == ExitCode.INVALID, r.stdout + r.stderr
+    assert "UNVERIFIED unverified" in r.stdout and "audit.anchor_keys is not set" in r.stderr
+    assert "dn audit key" in r.stderr and 'anchor_keys = ["ed25519:..."]' in r.stderr
+
+
+def test_prune_needs_a_pinned_key_before_anything_runs(dn_ctx, dn_cli_env, pg_super, tmp_path):
+    append_some(dn_ctx, 2)
+    backdate_audit(pg_super, [1], days=100, settings=dn_ctx.settings)
+    other = json.loads(cli(["audit", "key", "--json"], {**dn_cli_env, "DN__DATA_DIR": str(tmp_path / "other")}).stdout)
+    r = cli(["audit", "prune"], {**dn_cli_env, "DN__AUDIT__ANCHOR_KEYS": json.dumps([other["key"]])})
+    assert r.returncode == ExitCode.INVALID and "audit.anchor_keys does not pin this machine's anchor key" in r.stderr
+    assert [e.command for e in audit.show(dn_ctx)] == ["tenant update"] * 2  # nothing locked, written or pruned
+    r = cli(["audit", "key"], dn_cli_env)
+    assert r.returncode == 0 and r.stdout.strip() in dn_ctx.settings.audit.anchor_keys and not r.stderr
+
+
+def test_db_init_sets_the_configured_retention_as_the_floor(dn_ctx, dn_settings, pg_super):
+    append_some(dn_ctx, 3)
+    backdate_audit(pg_super, [1, 2], days=100, settings=dn_ctx.settings)
+    try:
+        db.migrate(dn_settings.database, audit_retention_days=120)
+        assert pg_super.execute("SELECT retention_days FROM audit_settings").fetchone()[0] == 120
+        e2 = audit.show(dn_ctx)[1]
+        with db.connect(dn_settings.database) as c:
+            with pytest.raises(psycopg.errors.CheckViolation, match="younger than 120 days"):
+                c.execute("SELECT audit_prune(2, %s, 1, 2, %s, %s)", (e2.hash, "A" * 43 + "=", "A" * 86 + "=="))
+        strict = dn_settings.model_copy(update={"retention": dn_settings.retention.model_copy(update={"audit_days": 120})})
+        with pytest.raises(InvalidInput, match="older_than_days: must be at least retention.audit_days \\(120\\)"):
+            audit.prune(Context(environ=dn_ctx.environ, _settings=strict), 100)
+    finally:
+        db.migrate(dn_settings.database, audit_retention_days=90)
+    assert audit.prune(dn_ctx).count == 2
 
 
 # -- tampering by a superuser ----------------------------------------------------------------------
@@ -191,8 +289,9 @@ def _forge_tail(ctx, conn, update_head: bool):
     ("insert-forged", [("inserted", 6)]),
     ("swap", [("broken-link", 2), ("broken-link", 3), ("broken-link", 4), ("modified", 2), ("modified", 3),
               ("out-of-order", 3)]),
-    ("delete-tail", [("missing", 4), ("witness", 5)]),
-    ("delete-tail-and-fix-head", [("witness", 5)]),
+    # both witnesses saw #5: this machine's file and the second region's
+    ("delete-tail", [("missing", 4), ("witness", 5), ("witness", 5)]),
+    ("delete-tail-and-fix-head", [("witness", 5), ("witness", 5)]),
 ])
 def test_superuser_tampering_is_named(dn_ctx, pg_super, attack, expected):
     append_some(dn_ctx, 5)
@@ -246,6 +345,7 @@ def test_prune_anchors_and_verify_continues_from_the_anchor(dn_ctx, pg_super):
     assert [e.seq for e in audit.show(dn_ctx)] == [4, 5]
     r = audit.verify(dn_ctx)
     assert r.ok and r.anchor.anchor_seq == 3 and r.first_seq == 4 and r.trusted_keys == 1
+    assert r.anchor.public_key in audit.trusted_anchor_keys(dn_ctx.settings)
     # The chain goes on from the anchor and a second prune chains its anchor to the first.
     append_some(dn_ctx, 1)
     backdate_audit(pg_super, [4], days=100, settings=dn_ctx.settings)
@@ -290,7 +390,7 @@ def test_cli_prune_is_audited(dn_ctx, dn_cli_env, pg_super):
     last = audit.show(dn_ctx)[-1]
     assert (last.command, last.outcome, last.args) == ("audit prune", "ok", {
         "older_than_days": 90, "pruned": 2, "first_seq": 1, "last_seq": 2})
-    # The CLI ran with the same data dir, so its anchor key is trusted here.
+    # The CLI signed with the data dir's key, which the configuration pins.
     assert audit.verify(dn_ctx).ok
 
 

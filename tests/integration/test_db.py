@@ -235,7 +235,8 @@ def test_cli_db_init_bootstrap_dsn(dn_cli_env, dn_ctx, pg_cluster, pg_database):
     assert "--bootstrap-dsn: must not contain a password" in r.stderr and "hunter2" not in r.stderr
 
 
-def test_cli_db_init_on_an_empty_database_applies_everything_then_audits(pg_cluster, dn_cli_env, tmp_path):
+def test_cli_db_init_on_an_empty_database_applies_everything_then_audits(pg_cluster, dn_cli_env, tmp_path,
+                                                                        audit_region):
     from psycopg import sql
 
     name = f"dn_fresh_{os.getpid()}"

@@ -15,6 +15,12 @@ from tests.fixtures.postgres import backdate_audit
 pytestmark = [pytest.mark.postgres]
 
 
+@pytest.fixture(autouse=True)
+def region(audit_region):
+    """The audit prune verifies the chain first, which needs the second region's witness."""
+    return audit_region
+
+
 def _tenant(conn, slug: str) -> int:
     return conn.execute("INSERT INTO tenants (slug, display_name, host) VALUES (%s, %s, 'test-eu1') RETURNING id",
                         (slug, slug)).fetchone()[0]

@@ -184,7 +184,7 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
     from dn.models import HostBaseline, parse_tenant
     from dn.render import nginx as rn
     from dn.sandbox import IMAGE
-    from tests.fixtures.postgres import _wipe
+    from tests.fixtures.postgres import _wipe, pin_anchor_key
     from tests.integration.test_nginx_render_real import self_signed
 
     with host_lock(), pytest.MonkeyPatch.context() as mp:
@@ -204,6 +204,7 @@ def v(sandbox, pg_cluster, pg_database, tmp_path_factory) -> Iterator[V]:
             "backup": {**sb.backup.model_dump(mode="json"), "path": backup_path, "retries": 0},
             "database": {"dsn": pg_cluster.dsn("dn", pg_database), "admin_dsn": pg_cluster.dsn("dn_owner", pg_database),
                          "passfile": str(pg_cluster.passfile)},
+            "audit": {"anchor_keys": [pin_anchor_key(data_dir)]},
             "source": "tests/integration/test_verify.py",
         })
         fernet = Fernet.generate_key().decode()

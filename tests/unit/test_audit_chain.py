@@ -150,6 +150,17 @@ def head_of(entries):
     return (entries[-1].seq, entries[-1].hash)
 
 
+def rechain(entries: list[Entry], prev: str = GENESIS) -> list[Entry]:
+    """Re-link and re-hash entries from ``prev`` (what someone rewriting the table does)."""
+    out = []
+    for e in entries:
+        e = replace(e, prev_hash=prev)
+        e = replace(e, hash=e.compute_hash())
+        out.append(e)
+        prev = e.hash
+    return out
+
+
 def rehash(e: Entry) -> Entry:
     return replace(e, hash=e.compute_hash())
 
@@ -290,22 +301,88 @@ def test_forged_anchor_is_caught(forgery):
     r = verify_chain(c[3:], head=head_of(c), anchors=[a], trusted_keys=trusted)
     assert ("anchor", 3) in kinds(r)
     if forgery == "other-key":
-        assert "not a trusted anchor key" in str(r.problems[0])
+        assert "not a pinned anchor key (audit.anchor_keys)" in str(r.problems[0])
+
+
+def test_a_valid_anchor_fails_when_no_key_is_pinned():
+    # The forgery of the `dn` role: prune under a fresh key. Self-signed is not trusted.
+    c = chain(6)
+    a = signed_anchor(c, 3)
+    assert a.signature_valid()
+    for trusted in (None, set()):
+        r = verify_chain(c[3:], head=head_of(c), anchors=[a], trusted_keys=trusted)
+        assert kinds(r) == [("anchor", 3)] and "no anchor key is pinned (audit.anchor_keys)" in str(r.problems[0])
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate()
 
 
 def test_entries_removed_between_anchors_are_missing():
-    c = chain(9)
-    a1 = signed_anchor(c, 3)
-    a2 = signed_anchor(c, 6, pruned_from=5)  # #4 was removed without an anchor
-    r = verify_chain(c[6:], head=head_of(c), anchors=[a1, a2])
+    c, k = chain(9), _key()
+    a1 = signed_anchor(c, 3, key=k)
+    a2 = signed_anchor(c, 6, key=k, pruned_from=5)  # #4 was removed without an anchor
+    r = verify_chain(c[6:], head=head_of(c), anchors=[a1, a2], trusted_keys={a1.public_key})
     assert kinds(r) == [("missing", 4)]
 
 
 def test_entry_kept_below_the_anchor_is_inserted():
     c = chain(6)
     a = signed_anchor(c, 3)
-    r = verify_chain(c[2:], head=head_of(c), anchors=[a])
+    r = verify_chain(c[2:], head=head_of(c), anchors=[a], trusted_keys={a.public_key})
     assert kinds(r) == [("inserted", 3)]
+
+
+# -- the second region's witness -----------------------------------------------------------------
+def signed_witness(seq: int, hash_: str, key=None) -> audit.SignedWitness:
+    key = key or _key()
+    w = audit.SignedWitness(seq, hash_, "2026-03-01T12:00:00.000000+00:00", audit.public_key_b64(key), "")
+    return replace(w, signature=base64.b64encode(key.sign(w.message())).decode())
+
+
+def test_signed_witness_round_trips_and_detects_alteration():
+    c = chain(3)
+    w = signed_witness(3, c[2].hash)
+    assert w.signature_valid() and audit.SignedWitness.from_json(w.to_json()) == w
+    assert w.name == f"000000000003-{c[2].hash}.json"
+    assert not replace(w, seq=2).signature_valid() and not replace(w, hash="0" * 64).signature_valid()
+    assert not replace(w, witnessed_at="2027-01-01T00:00:00.000000+00:00").signature_valid()
+
+
+@pytest.mark.parametrize("attack, expected", [
+    ("refill-rehashed", [("witness", 5)]),        # the whole table replaced by a re-hashed chain
+    ("rewrite-tail", [("witness", 5)]),           # the last entries rewritten, head moved along
+    ("delete-tail", [("witness", 5)]),            # the last entries deleted, head moved back
+    ("refill-shorter", [("witness", 5)]),
+])
+def test_region_witness_catches_what_the_head_row_cannot(attack, expected):
+    c = chain(5)
+    w = signed_witness(5, c[-1].hash)
+    if attack == "refill-rehashed":
+        forged = rechain([replace(e, actor="user:nobody") for e in c])
+    elif attack == "rewrite-tail":
+        forged = rechain(c[:3] + [replace(e, command="nothing to see") for e in c[3:]])
+    elif attack == "delete-tail":
+        forged = c[:3]
+    else:
+        forged = rechain([replace(e, actor="user:nobody") for e in c[:4]])
+    assert verify_chain(forged, head=head_of(forged)).ok  # the database alone is self-consistent
+    r = verify_chain(forged, head=head_of(forged), region=w)
+    assert kinds(r) == expected and "the second region's witness" in r.problems[0].detail
+    assert verify_chain(c, head=head_of(c), region=w).ok
+
+
+def test_region_witness_of_the_anchor_itself():
+    c, k = chain(6), _key()
+    a = signed_anchor(c, 3, key=k)
+    ok = verify_chain(c[3:], head=head_of(c), anchors=[a], trusted_keys={a.public_key},
+                      region=signed_witness(3, a.anchor_hash))
+    assert ok.ok
+    bad = verify_chain(c[3:], head=head_of(c), anchors=[a], trusted_keys={a.public_key},
+                       region=signed_witness(3, "1" * 64))
+    assert kinds(bad) == [("witness", 3)]
 
 
 # -- --since -------------------------------------------------------------------------------------

@@ -108,6 +108,6 @@ def test_claims_have_stable_unique_ids_and_say_how():
     assert ids() == ["net.public-ports", "net.admin-ssh", "access.ci-preview-read-only", "ssh.host-key", "net.tenant-isolation", "net.tenant-default-closed",
                      "nginx.rate-limits", "nginx.tls",
                      "nginx.hsts", "nginx.no-drift", "storage.luks", "backup.fresh", "backup.retention",
-                     "backup.monthly", "dr.drill", "audit.chain", "audit.retention", "retention.events",
+                     "backup.monthly", "dr.drill", "audit.chain", "audit.witness", "audit.retention", "retention.events",
                      "retention.aggregates", "gdpr.deadlines", "gdpr.state-purged", "gdpr.keys-shredded", "keys.no-retired"]
     assert all(c.claim and c.method and callable(c.fn) for c in CLAIMS)
