@@ -165,8 +165,17 @@ def test_missing_or_wrong_key_fails_before_any_restore(bk, pg_super):
     Path(swapped.data_dir).mkdir()
     forged = keys.KeyStore(Path(swapped.data_dir) / "backup-keys", lambda: PASSPHRASE.encode())
     forged.create("platform")
-    doc = json.loads((Path(swapped.data_dir) / "backup-keys" / "platform.json").read_text())
+    fp = Path(swapped.data_dir) / "backup-keys" / "platform.json"
+    doc = json.loads(fp.read_text())
     assert doc["keys"][0]["id"] != m.key.id and ks_dir.exists()
+    # the backup's key id, wrapped properly, around another key (a missing id would be fetched
+    # from the escrow instead)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    blob = nonce + AESGCM(forged._kek(doc["kdf"])).encrypt(nonce, os.urandom(32), keys.KeyStore._ad("platform", m.key.id))
+    doc["keys"][0].update(id=m.key.id, wrapped=keys._b64(blob))
+    fp.write_text(json.dumps(doc))
     report = drill.run_drill(swapped, env, backup_id=m.id, notify=False)
     assert report["result"] == "failed"
     assert any("key" in f for f in report["failures"])
