@@ -24,7 +24,9 @@ they are. An apply (``apply``, after ``read`` and the pure ``plan``):
 7. on failure in 4-6 what this apply changed goes back to the snapshot (the same scoped undo,
    unconditional: dn holds the lock and has just read the rules) and is compared with it;
    Docker's chains and other tenants' rules are left as they are now;
-8. ``disarm``.
+8. ``disarm``, and disarm earlier timers of the same chains (a previous apply of them that lost
+   its connection): a rerun that finds the rules as it wants them, or puts them so, is not undone
+   by the first run's timer. An empty plan does that too.
 
 Callers hold the host's lock so that two applies never interleave (the shared dispatch chains
 ``DN-TENANTS-FWD``/``DN-TENANTS-IN`` are created by whichever apply finds them missing).
@@ -468,6 +470,33 @@ def _disarm(s: "Session", armed: Sequence[str]) -> None:
         s.remove(p)
 
 
+def superseded(undo: str, owned: set[str]) -> bool:
+    """Whether a pending dead-man ``undo`` takes back nothing but chains in ``owned`` (the chains
+    it deletes or makes again), so that a later apply of those chains, which has just found them
+    as it wants them over a live connection, makes it obsolete."""
+    remade = {toks[1] for toks in (line.split() for line in undo.splitlines())
+              if len(toks) == 2 and toks[0] in ("-X", "-N")}
+    return bool(remade) and remade <= owned
+
+
+def _supersede(s: "Session", host: HostBaseline, the_plan: "FirewallPlan") -> None:
+    """Disarm earlier dead-man timers of the same chains: this apply's result is confirmed (a
+    rerun after a lost connection would otherwise be undone by the first run's timer)."""
+    d = host.path(f"{host.data_dir.rstrip('/')}/firewall")
+    if not s.exists(d):
+        return
+    for name in s.listdir(d):
+        path = f"{d}/{name}"
+        if not name.startswith("rollback-"):
+            continue
+        try:
+            undo = s.read_file(path).decode("utf-8", "replace")
+        except (OSError, DnError):
+            continue  # fired (and removed) meanwhile
+        if superseded(undo, _owned(the_plan, 6 if name.endswith(".v6") else 4)):
+            s.remove(path)
+
+
 def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, progress: Progress = no_progress,
           reconnect: Callable[[], "Session"] | None = None, deadman: float = DEADMAN_S) -> FirewallState:
     """Carry out ``the_plan``. Returns the state afterwards (the snapshot if nothing changed).
@@ -485,6 +514,7 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
     progress("save")
     snapshot = read(s, families=FAMILIES)
     if the_plan.empty:
+        _supersede(s, host, the_plan)
         return snapshot
     if snapshot.basis() != the_plan.basis:
         raise OperationFailed(f"{s.where}: the firewall changed since {the_plan.resource} was planned; nothing was changed",
@@ -514,6 +544,7 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
     finally:
         if s.active:
             _disarm(s, armed)
+    _supersede(s, host, the_plan)
     progress("done")
     return after
 

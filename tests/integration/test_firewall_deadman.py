@@ -5,10 +5,12 @@ restore (its sshd processes are killed from the apply's own progress callback), 
 timer (a few seconds here) is never disarmed. Before the timer fires, other things happen, as
 they may outside the host lock: another tenant's apply, a new Docker network (Docker adds its own
 FORWARD rules), or a second apply of the same tenant that changes its chains. When the timer
-fires, the first apply's chains go, and everything else stays; a changed chain stays too.
+fires, the first apply's chains go, and everything else stays; a changed chain stays too. A
+rerun that finds the first apply's rules in place disarms its timer.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +24,7 @@ from tests.integration.test_nginx_apply import kill_session, tenant, wait_until
 
 pytestmark = pytest.mark.sandbox
 
-DEADMAN = 6.0  # seconds: long enough for the applies in between
+DEADMAN = 15.0  # seconds: long enough for the cut apply to give up and for the applies in between
 
 
 def filter_v4(sandbox):
@@ -40,12 +42,14 @@ def cut_apply(sandbox, host: HostBaseline, t: TenantSpec) -> set[str]:
     files this apply left armed."""
     before = armed_files(sandbox, host)
     s = ssh.connect(sandbox.host)
+    started = time.monotonic()
     try:
         with pytest.raises(DnError):
             fw.converge_tenant(s, host, t, deadman=DEADMAN,
                                progress=lambda at: at == "check" and kill_session(sandbox, s))
     finally:
         s.close()
+    assert time.monotonic() - started < DEADMAN - 3, "the cut apply took too long to give up: its timer may have fired"
     mine = armed_files(sandbox, host) - before
     assert mine, "the cut apply left no dead-man timer armed"
     assert t.chain_forward in filter_v4(sandbox).policies  # the restore had happened
@@ -93,14 +97,34 @@ def test_the_dead_man_takes_back_its_own_apply_and_leaves_later_ones(sandbox, en
     assert [r for r in now.chain("FORWARD") if c.bridge in r] == docker_rules
 
 
-def test_the_dead_man_leaves_chains_a_later_apply_changed(sandbox, env):
+@pytest.mark.parametrize("how", ["by hand", "by a later apply"])
+def test_the_dead_man_leaves_chains_changed_since(sandbox, env, how):
     host, made = env
     a = tenant("dmd", "10.210.40.48/28")
     made.append(a)
     files = cut_apply(sandbox, host, a)
     changed = HostBaseline.from_settings(sandbox.settings, tenant_host_services=("tcp/9874",))
-    with ssh.connect(sandbox.host) as s:
-        assert not fw.converge_tenant(s, changed, a).empty  # rewrites a's input chain
+    if how == "by hand":  # the compare-and-swap refuses: the chain holds a rule the apply did not leave
+        sandbox.ns_exec(["iptables", "-w", "-I", a.chain_input, "1", "-p", "tcp", "--dport", "7", "-j", "ACCEPT"])
+    else:
+        with ssh.connect(sandbox.host) as s:
+            assert not fw.converge_tenant(s, changed, a).empty  # rewrites a's input chain
     wait_fired(sandbox, host, files)
-    tables = {"filter": filter_v4(sandbox)}
-    assert [d for r in fw.tenant_rulesets(changed, a) for d in r.drift(tables)] == []
+    now = filter_v4(sandbox)
+    if how == "by hand":
+        assert now.chain(a.chain_input)[0] == ("-p", "tcp", "-m", "tcp", "--dport", "7", "-j", "ACCEPT")
+        assert now.chain(a.chain_forward) == fw.tenant_rulesets(host, a)[0].expected()[a.chain_forward]
+    else:
+        assert [d for r in fw.tenant_rulesets(changed, a) for d in r.drift({"filter": now})] == []
+
+
+def test_a_rerun_that_finds_the_rules_in_place_is_not_undone(sandbox, env):
+    host, made = env
+    a = tenant("dme", "10.210.40.64/28")
+    made.append(a)
+    files = cut_apply(sandbox, host, a)
+    with ssh.connect(sandbox.host) as s:
+        assert fw.converge_tenant(s, host, a).empty  # nothing to do: the first run's restore is there
+    assert not armed_files(sandbox, host) & files  # and the first run's timer is disarmed
+    time.sleep(DEADMAN + 2)
+    assert [d for r in fw.tenant_rulesets(host, a) for d in r.drift({"filter": filter_v4(sandbox)})] == []

@@ -437,3 +437,17 @@ def test_undo_of_a_removal_recreates_the_chains_and_hooks():
     back = apply_restore({"filter": left}, undo)
     assert rs.drift({"filter": back}) == [] and back.chain("DN-TENANTS-FWD")[-1] == TENANTS_DEFAULT_DROP
     assert f"-N {t.chain_forward}" in _lines(undo)  # refused whole if the chain was made again meanwhile
+
+
+def test_a_pending_undo_is_superseded_only_by_an_apply_of_all_its_chains():
+    from dn.host.firewall import superseded
+
+    t, other = tenant(), tenant("bravo", "10.210.0.16/28")
+    rs = render_tenant_rules(t, [t.bridge])
+    s = _applied([render_baseline(HOST)[4]], parse_save(SAVED))
+    left = _applied([rs], {"filter": s})
+    undo = undo_text(s, left, left, rs.chains, cas=True)
+    assert superseded(undo, set(rs.chains))
+    assert not superseded(undo, {t.chain_forward})  # the input chain is not covered
+    assert not superseded(undo, set(render_tenant_rules(other, [other.bridge]).chains))
+    assert not superseded("*filter\nCOMMIT\n", set(rs.chains))  # an undo that remakes nothing
