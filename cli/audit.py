@@ -120,3 +120,22 @@ def key(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="pri
     c.out(audit.pinned_key(public))
     if not pinned:
         c.err.print("not pinned here yet: add it to [audit] anchor_keys (or DN__AUDIT__ANCHOR_KEYS)", soft_wrap=True)
+
+
+@app.command("accept-restore")
+def accept_restore(ctx: typer.Context, json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """After restoring the platform database from a backup: record in the second region (signed,
+    a new file) that the entries after the restored chain's head, which an earlier witness saw,
+    were lost with the restore. Refuses unless that is the chain's only problem. Audited."""
+    from dn import audit
+
+    c = ctx.obj
+    audit.require_signing_key(c.settings)
+    with audit.privileged(c, "audit accept-restore", {}, lock=["audit:prune"]) as op:
+        record = audit.accept_restore(c)
+        op.args.update(restored_to=record.seq, lost_up_to=record.lost_seq)
+    if json:
+        c.out_json(record.to_dict())
+    else:
+        c.out(f"recorded in the second region: the chain restored to #{record.seq}; "
+              f"entries #{record.seq + 1}..#{record.lost_seq} were lost with the restore")

@@ -63,7 +63,8 @@ CHAIN_LOCK = int.from_bytes(b"dn:audit", "big")  # also in dn/schema/002_audit.s
 KEY_PREFIX = "ed25519:"  # how audit.anchor_keys spells a pinned key
 WITNESS_CONTEXT = b"dn audit witness v1\n"
 WITNESS_DIR = "audit-witness"  # in the second region (dn.backup.store)
-_WITNESS_NAME = re.compile(r"^(\d{12})-([0-9a-f]{64})\.json$")
+_WITNESS_NAME = re.compile(r"^(restore-)?(\d{12})-([0-9a-f]{64})\.json$")
+RESTORE_CONTEXT = b"dn audit restore v1\n"
 REDACTED = "[redacted]"
 PERSONAL = "[personal data redacted]"
 MAX_STRING = 1000
@@ -334,32 +335,53 @@ class SignedWitness:
     witnessed_at: str
     public_key: str
     signature: str
+    # A restore record (`dn audit accept-restore`): the chain was restored to seq/hash, and the
+    # entries after it up to lost_seq, which earlier witnesses saw, went with the restore.
+    lost_seq: int | None = None
+    lost_hash: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.seq:012d}-{self.hash}.json"
+        return f"{'restore-' if self.lost_seq is not None else ''}{self.seq:012d}-{self.hash}.json"
 
     def message(self) -> bytes:
-        return WITNESS_CONTEXT + canonical({"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at})
+        d: dict[str, Any] = {"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at}
+        if self.lost_seq is None:
+            return WITNESS_CONTEXT + canonical(d)
+        return RESTORE_CONTEXT + canonical({**d, "lost_seq": self.lost_seq, "lost_hash": self.lost_hash})
+
+    def supersedes(self, other: "SignedWitness") -> bool:
+        """Whether this restore record makes ``other`` (a witness of entries lost with the restore,
+        written before it) no longer binding."""
+        return (self.lost_seq is not None and self.seq < other.seq <= self.lost_seq
+                and datetime.fromisoformat(other.witnessed_at) < datetime.fromisoformat(self.witnessed_at))
 
     def signature_valid(self) -> bool:
         return _ed25519_valid(self.public_key, self.message(), self.signature)
 
     def to_json(self) -> bytes:
-        return canonical({"format": FORMAT, "seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
-                          "public_key": self.public_key, "signature": self.signature}) + b"\n"
+        d = {"format": FORMAT, "seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
+             "public_key": self.public_key, "signature": self.signature}
+        if self.lost_seq is not None:
+            d.update(lost_seq=self.lost_seq, lost_hash=self.lost_hash)
+        return canonical(d) + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> "SignedWitness":
         d = json.loads(raw)
-        return cls(int(d["seq"]), str(d["hash"]), str(d["witnessed_at"]), str(d["public_key"]), str(d["signature"]))
+        lost = d.get("lost_seq")
+        return cls(int(d["seq"]), str(d["hash"]), str(d["witnessed_at"]), str(d["public_key"]), str(d["signature"]),
+                   None if lost is None else int(lost), None if lost is None else str(d["lost_hash"]))
 
     def as_witness(self) -> Witness:
         return Witness(self.seq, self.hash, self.witnessed_at)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
-                "key_fingerprint": key_fingerprint(self.public_key)}
+        d = {"seq": self.seq, "hash": self.hash, "witnessed_at": self.witnessed_at,
+             "key_fingerprint": key_fingerprint(self.public_key)}
+        if self.lost_seq is not None:
+            d.update(lost_seq=self.lost_seq, lost_hash=self.lost_hash)
+        return d
 
 
 def _ed25519_valid(public_key: str, message: bytes, signature: str) -> bool:
@@ -885,8 +907,9 @@ def _snapshot(conn: "Connection") -> tuple[list[Entry], tuple[int, str] | None, 
 
 
 def read_region_witness(store: "Store", trusted: set[str]) -> tuple[SignedWitness | None, list[Problem]]:
-    """The newest witness in the second region signed by a pinned key, and a problem for every
-    newer file that is not one (unreadable, misnamed, forged or signed by another key)."""
+    """The newest binding witness in the second region signed by a pinned key, and a problem for
+    every newer file that is not one (unreadable, misnamed, forged or signed by another key).
+    Witnesses of entries that a later restore record says were lost with a restore are skipped."""
     problems: list[Problem] = []
     found = []
     for name in store.records(WITNESS_DIR):
@@ -894,20 +917,29 @@ def read_region_witness(store: "Store", trusted: set[str]) -> tuple[SignedWitnes
         if m is None:
             problems.append(Problem("witness", None, f"{WITNESS_DIR}/{name} in the second region is not a witness file"))
         else:
-            found.append((int(m.group(1)), name))
-    for seq, name in sorted(found, reverse=True):
+            found.append((int(m.group(2)), bool(m.group(1)), name))
+
+    def load(seq: int, name: str) -> SignedWitness | None:
         where = f"{WITNESS_DIR}/{name} in the second region"
         try:
             w = SignedWitness.from_json(store.read_record(WITNESS_DIR, name))
         except (ValueError, KeyError, TypeError):
             problems.append(Problem("witness", seq, f"{where} is unreadable"))
-            continue
+            return None
         if w.name != name or not w.signature_valid():
             problems.append(Problem("witness", seq, f"{where}: signature does not verify (witness forged or altered)"))
         elif w.public_key not in trusted:
             problems.append(Problem("witness", seq, f"{where}: signed by {key_fingerprint(w.public_key)}, which is not "
                                                     "a pinned key (audit.anchor_keys)"))
         else:
+            return w
+        return None
+
+    # Restore records are few: read them all. Witnesses are read newest first, until one binds.
+    restores = [w for seq, r, name in found if r for w in [load(seq, name)] if w is not None]
+    for seq, is_restore, name in sorted(found, key=lambda f: (f[0], f[1]), reverse=True):
+        w = next((r for r in restores if r.name == name), None) if is_restore else load(seq, name)
+        if w is not None and not any(r.supersedes(w) for r in restores):
             return w, problems
     return None, problems
 
@@ -975,6 +1007,49 @@ def verify(ctx: "Context", *, use_witness: bool = True, store: "Store | None" = 
     finally:
         if own is not None:
             own.close()
+
+
+def accept_restore(ctx: "Context") -> SignedWitness:
+    """After a database restore: record in the second region, signed with this machine's pinned
+    key, that the chain now ends at its current head and that the entries after it which the
+    region's newest witness saw were lost with the restore. Refuses unless that lost tail is the
+    only problem; also moves this machine's witness file back to the restored head."""
+    from dn import db
+    from dn.backup.run import open_store
+
+    settings = ctx.settings
+    unverified = _unverified(settings)
+    if unverified:
+        raise ConfigError("; ".join(p.detail for p in unverified), hint=UNVERIFIED_HINT)
+    key = require_signing_key(settings)
+    trusted = trusted_anchor_keys(settings)
+    with open_store(settings) as store:
+        region, region_problems = read_region_witness(store, trusted)
+        with db.connect(settings.database, application_name="dn audit accept-restore") as conn, \
+                db.translate_errors("reading the audit log"):
+            entries, head, anchors = _snapshot(conn)
+        result = verify_chain(entries, head=head, anchors=anchors, trusted_keys=trusted, region=region)
+        if region is None or region.seq <= result.last_seq:
+            raise OperationFailed(f"nothing was lost: the second region's newest witness is "
+                                  f"#{region.seq if region else 0}, the chain reaches #{result.last_seq}",
+                                  hint="run `dn audit verify`", where="audit")
+        others = [p for p in region_problems + result.problems if (p.kind, p.seq) != ("witness", region.seq)]
+        if others:
+            raise PolicyViolation(f"refusing to accept the restore: the chain has other problems "
+                                  f"({len(others)}, first: {others[0]})", hint="run `dn audit verify`",
+                                  runbook="incident-response#detection", where="audit")
+        last_hash = entries[-1].hash if entries else (result.anchor.anchor_hash if result.anchor else GENESIS)
+        unsigned = SignedWitness(result.last_seq, last_hash, _ts(datetime.now(timezone.utc)), public_key_b64(key), "",
+                                 region.seq, region.hash)
+        record = SignedWitness(**{**unsigned.__dict__,
+                                  "signature": base64.b64encode(key.sign(unsigned.message())).decode()})
+        store.add_record(WITNESS_DIR, record.name, record.to_json())
+    p = witness_path(settings)
+    _private_dir(p.parent)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"seq": record.seq, "hash": record.hash, "seen_at": record.witnessed_at}) + "\n")
+    os.replace(tmp, p)
+    return record
 
 
 def require_signing_key(settings: "Settings"):

@@ -178,6 +178,43 @@ def test_dn_verify_witness_claim(dn_ctx, tmp_path):
         assert status is Status.FAIL and "audit.anchor_keys is not set" in ev[0]
 
 
+def test_a_restore_is_accepted_only_explicitly_signed_and_audited(dn_ctx, dn_cli_env, pg_super):
+    append_some(dn_ctx, 5)
+    assert audit.verify(dn_ctx).recorded.seq == 5
+
+    def restore_to(seq):  # what restoring a backup taken at #seq leaves: the chain up to it
+        with tampering(pg_super):
+            pg_super.execute("DELETE FROM audit_log WHERE seq > %s", (seq,))
+            pg_super.execute("UPDATE audit_head SET seq = %s, hash = (SELECT hash FROM audit_log WHERE seq = %s)",
+                             (seq, seq))
+
+    restore_to(3)
+    out = cli(["audit", "verify", "--no-witness"], dn_cli_env)
+    assert out.returncode == ExitCode.POLICY and "TAMPERED witness" in out.stdout
+    # Refused while anything else is wrong with the chain.
+    with tampering(pg_super):
+        pg_super.execute("UPDATE audit_log SET command = 'x' WHERE seq = 2")
+    out = cli(["audit", "accept-restore"], dn_cli_env)
+    assert out.returncode == ExitCode.POLICY and "other problems" in out.stderr, out.stdout + out.stderr
+    with tampering(pg_super):
+        pg_super.execute("UPDATE audit_log SET command = 'tenant update' WHERE seq = 2")
+    # (the refused attempt is on record: #4)
+    out = cli(["audit", "accept-restore"], dn_cli_env)
+    assert out.returncode == 0 and "restored to #4; entries #5..#5 were lost" in out.stdout, out.stdout + out.stderr
+    head = audit.show(dn_ctx)
+    assert any(n.startswith(f"restore-{4:012d}-") for n in region_files(dn_ctx.settings))
+    assert head[-2].command == "audit accept-restore" and head[-2].outcome == "failed"
+    assert (head[-1].command, head[-1].args) == ("audit accept-restore", {"restored_to": 4, "lost_up_to": 5})
+    r = audit.verify(dn_ctx)
+    assert r.ok and r.region_witness.lost_seq == 5 and r.recorded.seq == 5, r.problems
+    # The chain goes on (#5 is a new entry now); a later cut is caught again.
+    append_some(dn_ctx, 1)
+    assert audit.verify(dn_ctx).recorded.seq == 6
+    restore_to(5)
+    audit.witness_path(dn_ctx.settings).unlink()
+    assert ("witness", 6) in [(p.kind, p.seq) for p in audit.verify(dn_ctx).problems]
+
+
 # -- the migration, on a database made by the previous schema -------------------------------------
 def test_migration_applies_to_a_database_of_the_previous_schema(pg_cluster, pg_database, dn_settings, pg_super,
                                                                tmp_path):
