@@ -6,7 +6,7 @@ removable disk, to be unmounted and stored away), one directory per backup:
 
     DIR/<backup id>/manifest.json  exactly as stored (its MAC still verifies)
     DIR/<backup id>/<artifact>     ciphertext, each checked against the manifest's SHA-256
-    DIR/keys/platform.json         the platform data key, wrapped with the passphrase (as escrowed)
+    DIR/keys/platform.json         the platform data keys, wrapped with the passphrase (every one escrowed)
 
 the region's own layout, so the disk can serve as a backup target for a restore when the region
 is lost. Nothing is decrypted: the copy is as safe as the region's. A tenant's data key never goes

@@ -76,13 +76,29 @@ def obtain_key(store: Store, ks: keys.KeyStore, owner: str) -> keys.DataKey:
         escrowed = store.get_key(owner)
         if escrowed is None:
             raise keys.KeystoreError(f"the key of {owner} could not be escrowed in {store.where}")
-    for kid, raw in ks.unescrowed(owner, escrowed):
-        store.create_key(owner, raw, key_id=kid)
+    escrow_unescrowed(store, ks, owner, escrowed)
     ks.import_wrapped(owner, escrowed)
     dk = ks.current(owner)
     if dk.id.hex() != keys.key_ids_of(escrowed)[-1]:
         raise keys.KeystoreError(f"the key of {owner} in {ks.dir} is not the escrowed one")
     return dk
+
+
+def escrow_unescrowed(store: Store, ks: keys.KeyStore, owner: str, escrowed: bytes | None) -> list[str]:
+    """Escrow each key of ``owner`` held here and not in the escrow (``keys/<owner>/<id>.json``,
+    created once): older dn replaced the escrow file with its own, so the keys another
+    installation made are only on that installation. Returns their ids."""
+    done = []
+    for kid, raw in ks.unescrowed(owner, escrowed):
+        if escrowed is None:
+            store.create_key(owner, raw)  # none escrowed yet: this file becomes the owner's first
+            escrowed = store.get_key(owner)
+            if kid in keys.key_ids_of(escrowed):
+                done.append(kid)
+                continue
+        store.create_key(owner, raw, key_id=kid)
+        done.append(kid)
+    return done
 
 
 def _artifact(name: str, kind: str, stats: crypto.StreamStats, table: str | None = None) -> Artifact:
@@ -255,6 +271,10 @@ def run_backup(settings: "Settings", environ: Mapping[str, str], *, tenant: str 
         with open_store(settings, retries=0) as store:
             obtain_key(store, ks, keys.PLATFORM)
             dk = obtain_key(store, ks, owner)
+            if tenant is not None:  # the slug-only keys older dn made here: escrowed, never used again
+                legacy = keys.legacy_owner(tenant)
+                if not ks.is_destroyed(legacy) and not store.key_destroyed(legacy):
+                    escrow_unescrowed(store, ks, legacy, store.get_key(legacy))
             return _backup_once(settings, store, dk, tenant, tenant_id, progress, on_bytes)
 
     def on_retry(n: int, wait: float, e: DnError) -> None:

@@ -91,19 +91,23 @@ def test_the_escrow_is_created_once_and_never_replaced(world):
 def test_backups_of_two_installations_restore_with_the_passphrase_alone(world):
     w = world
     with w.env.connect() as conn:
-        add_tenant(conn, "two-homes", w.environ, events=30, hours=4, invoices=1)
+        tid = add_tenant(conn, "two-homes", w.environ, events=30, hours=4, invoices=1)
     made = [run.run_backup(w.op, w.environ)]  # the operator's first backup escrows the platform key
-    # an older dn on the host made its own platform key, never escrowed, and backed up with it
-    legacy = keys.keystore(w.host, w.environ).create("platform")
+    # an older dn on the host made its own platform key and a slug-named tenant key, never
+    # escrowed (the operator's run replaced the escrow file), and backed up with them
+    hks = keys.keystore(w.host, w.environ)
+    legacy = hks.create("platform")
+    legacy_tenant = hks.create(keys.legacy_owner("two-homes"))
     with run.open_store(w.host) as store:
         made.append(run._backup_once(w.host, store, legacy, None, None, lambda s: None, lambda n: None))
+        made.append(run._backup_once(w.host, store, legacy_tenant, "two-homes", tid, lambda s: None, lambda n: None))
     # the host's timer now: tenant and platform backups; then the operator's tenant backup
     made.append(run.run_backup(w.host, w.environ, tenant="two-homes"))
     made.append(run.run_backup(w.host, w.environ))
     made.append(run.run_backup(w.op, w.environ, tenant="two-homes"))
     platform_ids = {m.key.id for m in made if m.kind == "platform"}
     assert platform_ids == {made[0].key.id, legacy.id.hex()}  # the host switched to the escrowed key
-    assert made[2].key == made[4].key  # one tenant key, whoever made it first
+    assert made[3].key == made[5].key != made[2].key  # one tenant key, whoever made it first; not the slug's
     # both installations lose their data dirs
     shutil.rmtree(Path(w.op.data_dir) / "backup-keys")
     shutil.rmtree(w.host_dir / "backup-keys")
