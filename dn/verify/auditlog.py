@@ -70,7 +70,7 @@ def check_retention(probe: "Probe") -> tuple[Status, list[str]]:
         " min(at) FILTER (WHERE at < now() - make_interval(days => %s)) AS overdue_oldest"
         " FROM audit_log", (days + GRACE_DAYS, days + GRACE_DAYS), what="reading the audit log")[0]
     anchors = probe.query(
-        "SELECT anchor_seq, anchor_at, signed_at, pruned_from, pruned_count FROM audit_anchor ORDER BY anchor_seq",
+        "SELECT anchor_seq, anchor_at, created_at, pruned_from, pruned_count FROM audit_anchor ORDER BY anchor_seq",
         what="reading the audit anchors")
     ev.append(f"{plural(row['n'], 'entry', 'entries')}, oldest {row['oldest']:%Y-%m-%d} (#{row['first']})" if row["n"]
               else "no entries")
@@ -78,10 +78,12 @@ def check_retention(probe: "Probe") -> tuple[Status, list[str]]:
         fails.append(f"{plural(row['overdue'], 'entry', 'entries')} older than {days} days still in the log "
                      f"(oldest {row['overdue_oldest']:%Y-%m-%d}): the retention prune is overdue")
     for a in anchors:
-        kept = (a["signed_at"] - a["anchor_at"]).days
+        # created_at is the database's clock at the prune (no caller ever set it); signed_at was
+        # the caller's word before migration 005.
+        kept = (a["created_at"] - a["anchor_at"]).days
         line = (f"anchor #{a['anchor_seq']}: pruned #{a['pruned_from']}..#{a['anchor_seq']} ({a['pruned_count']} entries) "
-                f"on {a['signed_at']:%Y-%m-%d}, newest pruned entry {kept} days old")
-        if a["signed_at"] - a["anchor_at"] < timedelta(days=TRUST_DAYS):
+                f"on {a['created_at']:%Y-%m-%d}, newest pruned entry {kept} days old")
+        if a["created_at"] - a["anchor_at"] < timedelta(days=TRUST_DAYS):
             fails.append(f"{line}: younger than {TRUST_DAYS} days")
         else:
             ev.append(line)

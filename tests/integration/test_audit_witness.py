@@ -215,6 +215,27 @@ def test_a_restore_is_accepted_only_explicitly_signed_and_audited(dn_ctx, dn_cli
     assert ("witness", 6) in [(p.kind, p.seq) for p in audit.verify(dn_ctx).problems]
 
 
+def test_retention_check_judges_an_anchor_by_the_database_clock(dn_ctx, pg_super):
+    from datetime import timedelta
+
+    from dn.verify import auditlog
+    from dn.verify.core import Status
+    from dn.verify.probe import Probe
+
+    # What the old audit_prune() let the `dn` role write: 60-day-old entries pruned, the anchor's
+    # signing time claimed 91 days after them. created_at is the database's own time of the prune.
+    append_some(dn_ctx, 3)
+    e1 = audit.show(dn_ctx)[0]
+    with tampering(pg_super):
+        pg_super.execute("INSERT INTO audit_anchor (anchor_seq, anchor_hash, anchor_at, pruned_from, pruned_count,"
+                         " signed_at, public_key, signature) VALUES (1, %s, %s, 1, 1, %s, %s, %s)",
+                         (e1.hash, e1.at - timedelta(days=60), e1.at + timedelta(days=31), "A" * 43 + "=", "A" * 86 + "=="))
+        pg_super.execute("DELETE FROM audit_log WHERE seq = 1")
+    with Probe(dn_ctx.settings, environ=dn_ctx.environ) as probe:
+        status, ev = auditlog.check_retention(probe)
+    assert status is Status.FAIL and any("newest pruned entry 60 days old: younger than 90 days" in x for x in ev), ev
+
+
 # -- the migration, on a database made by the previous schema -------------------------------------
 def test_migration_applies_to_a_database_of_the_previous_schema(pg_cluster, pg_database, dn_settings, pg_super,
                                                                tmp_path):
