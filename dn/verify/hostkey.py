@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from dn.verify.probe import Probe
 
 
-def check_host_key(probe: "Probe") -> tuple[Status, list[str]]:
+def check_host_key(probe: Probe) -> tuple[Status, list[str]]:
     from dn import ssh
 
     host = probe.host
@@ -32,9 +32,9 @@ def check_host_key(probe: "Probe") -> tuple[Status, list[str]]:
                                str(host.known_hosts) if host.known_hosts else None)
     offered = ssh.offered_host_keys(host)
     fails: list[str] = []
-    ev = [f"pinned in {' and '.join(pins.sources) or 'nothing'}: "
-          f"{', '.join(k.fingerprint for k in pins.keys if k not in pins.revoked) or 'no key'}; "
-          f"revoked: {', '.join(k.fingerprint for k in pins.revoked) or 'none'}"]
+    ev = [(f"pinned in {' and '.join(pins.sources) or 'nothing'}: "
+           f"{', '.join(k.fingerprint for k in pins.keys if k not in pins.revoked) or 'no key'}; "
+           f"revoked: {', '.join(k.fingerprint for k in pins.revoked) or 'none'}")]
     for kind, key in offered.items():
         if key is None:
             ev.append(f"{kind}: the host has no key of this type")

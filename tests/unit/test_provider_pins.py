@@ -115,9 +115,8 @@ def test_the_engine_maps_the_refusal(monkeypatch):
     from pulumi.automation._cmd import CommandResult
 
     err = auto_errors.CommandError(CommandResult(stdout=REFRESH_OUTPUT, stderr="", code=255))
-    with pytest.raises(HostKeyError) as e:
-        with engine._mapped("refresh", "t1", {}):
-            raise err
+    with pytest.raises(HostKeyError) as e, engine._mapped("refresh", "t1", {}):
+        raise err
     assert str(e.value).startswith("stack t1: refresh: root@10.231.1.2 presented a REVOKED host key")
     assert e.value.exit_code == ExitCode.UNREACHABLE and "Traceback" not in str(e.value)
 
