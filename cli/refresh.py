@@ -19,7 +19,9 @@ def refresh(
 ) -> None:
     """Read every resource of the selected stacks back from its host and report what differs
     from dn's state. The state then records what was found (unless --preview-only), so the next
-    `dn up` puts the declared configuration back. Exit 4 when drift is found, 0 when none."""
+    `dn up` puts the declared configuration back. Each host's pinned SSH key is verified first.
+    Exit 4 when drift is found, 0 when none, 3 when a host cannot be reached or does not present
+    its pinned key (the message names the fingerprint it presented)."""
     from dn import preview as pv
     from dn import tenants
     from dn.errors import DriftFound

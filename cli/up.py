@@ -17,7 +17,9 @@ def up(
     json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Bring stacks to their declared state (the registry and settings), with the policy pack as
-    a gate. Each stack is audited and locked on its own; the first failure stops the run."""
+    a gate. Each stack is audited and locked on its own; the first failure stops the run. Each
+    host's pinned SSH key is verified first, even when nothing would change: exit 3 when a host
+    cannot be reached or does not present its pinned key (the message names the fingerprint)."""
     from cli.stack import progress
     from dn import tenants
 
