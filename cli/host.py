@@ -16,7 +16,8 @@ def up(
 ) -> None:
     """Apply the host baseline: INPUT policy DROP with only 80/443 public and SSH from the admin
     sources, nginx main config (TLS 1.2/1.3, HSTS), the platform backup, health-check, verify,
-    drill and retention timers, and the directories dn needs. Audited, holds the host's lock."""
+    drill and retention timers, and the directories dn needs. Audited, holds the host's lock;
+    verifies the host's pinned SSH key first (exit 3 naming the fingerprint it presented)."""
     from cli.stack import progress
     from dn import tenants
 
@@ -39,7 +40,8 @@ def destroy(
 ) -> None:
     """Remove the host baseline: dn's timers, the nginx main config (nginx stops), the firewall
     baseline (INPUT opens again) and dn's empty directories. Refused while tenants are registered
-    on the host. Asks first unless --yes. Audited, holds the host's lock."""
+    on the host. Asks first unless --yes. Audited, holds the host's lock; verifies the host's
+    pinned SSH key first (exit 3 naming the fingerprint it presented)."""
     import sys
 
     from cli.stack import progress
