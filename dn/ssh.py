@@ -421,6 +421,11 @@ def connect(target: SSHTarget, *, passphrase: str | None = None) -> "Session":
 
 HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                   "rsa-sha2-512")
+# The handshakes of offered_host_keys log here: asking a host for a key type it lacks is expected,
+# and paramiko would otherwise print that refusal's traceback on stderr.
+_keyscan_log = logging.getLogger("dn.ssh.keyscan")
+_keyscan_log.addHandler(logging.NullHandler())
+_keyscan_log.propagate = False
 
 
 def offered_host_keys(target: SSHTarget, key_types: Sequence[str] = HOST_KEY_TYPES) -> dict[str, PublicKey | None]:
@@ -431,6 +436,7 @@ def offered_host_keys(target: SSHTarget, key_types: Sequence[str] = HOST_KEY_TYP
     out: dict[str, PublicKey | None] = {}
     for kt in key_types:
         transport = paramiko.Transport(_open_socket(target, where))
+        transport.set_log_channel(_keyscan_log.name)
         try:
             transport.banner_timeout = transport.handshake_timeout = target.connect_timeout
             transport.get_security_options().key_types = [kt]
