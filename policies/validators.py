@@ -15,6 +15,8 @@ dn-network-icc-disabled   every tenant network: a bridge named ``dnt…``, inter
                           traffic disabled
 dn-allowed-registries     images only from the allowed registries
 dn-baseline-public-ports  the firewall baseline opens exactly 80 and 443 to the world
+dn-tenants-closed         the firewall baseline drops whatever a tenant bridge sends that no
+                          tenant chain lets through (a bridge without its chain reaches nothing)
 dn-tls-hsts               nginx: TLS 1.2/1.3 only, HSTS max-age ≥ 2 years (base and vhosts)
 dn-rate-limits            every vhost limits requests per IP and per tenant and connections
 dn-luks                   LUKS2, aes-xts-plain64, a 512-bit key
@@ -347,6 +349,25 @@ def public_exposure(rulesets, ssh_port: int = 22) -> list[str]:
     return out
 
 
+# What Docker puts in FORWARD for a bridge network (dockerd 20.10): the DOCKER-USER jump first,
+# then an accept for the bridge's outgoing traffic. dn's baseline must drop tenant bridges first.
+_DOCKER_FORWARD = ("*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\n"
+                   "-A FORWARD -i dnt+ ! -o dnt+ -j ACCEPT\n-A DOCKER-USER -j RETURN\nCOMMIT\n")
+
+
+def baseline_tenants_closed(r: Resource, cfg: Config) -> list[str]:
+    """The rendered baseline of the resource's host on a Docker host, checked as ``dn verify``'s
+    net.tenant-default-closed reads the live rules."""
+    from dn.host import firewall as fw
+    from dn.render.iptables import SavedTable, parse_save
+    from dn.verify.network import default_closed_findings
+
+    rs = {x.family: x for x in fw.baseline_rulesets(_host(r))}
+    v4 = fw.simulate([rs[4]], parse_save(_DOCKER_FORWARD))
+    v6 = fw.simulate([rs[6]], {"filter": SavedTable()})
+    return default_closed_findings(v4, v6)[0]
+
+
 def is_nginx(r: Resource) -> bool:
     return r.kind == "nginx" and "host" in r.props
 
@@ -519,6 +540,9 @@ POLICIES: tuple[Policy, ...] = (
            is_network, network_icc_disabled),
     Policy("dn-baseline-public-ports", "the firewall baseline accepts new connections from the internet on 80 and 443 "
            "only (TCP, IPv4 and IPv6), INPUT policy DROP", is_firewall_baseline, _guard(baseline_public_ports)),
+    Policy("dn-tenants-closed", "the firewall baseline drops what a tenant bridge sends unless that tenant's chain "
+           "lets it through, before Docker's accepts (IPv4 and IPv6)", is_firewall_baseline,
+           _guard(baseline_tenants_closed)),
     Policy("dn-tls-hsts", "nginx serves TLS 1.2/1.3 only and every HTTPS response carries HSTS (max-age >= 2 years)",
            is_nginx, _guard(tls_hsts)),
     Policy("dn-rate-limits", "every vhost limits requests per client IP and per tenant, and connections per IP",

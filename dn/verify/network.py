@@ -675,7 +675,8 @@ def default_closed_findings(v4: SavedTable, v6: SavedTable) -> tuple[list[str], 
     bridges = f"{BRIDGE_PREFIX}+"
     if v4.policies.get("FORWARD") != "DROP":
         fails.append(f"IPv4 FORWARD policy is {v4.policies.get('FORWARD')}, not DROP")
-    if not any(r == ("-j", "DOCKER-USER") for r in v4.chain("FORWARD")):
+    docker = any(r == ("-j", "DOCKER-USER") for r in v4.chain("FORWARD"))
+    if not docker:
         if any(not _stops(r) for r in v4.chain("FORWARD")):
             fails.append("IPv4 FORWARD forwards without entering DOCKER-USER")
         else:
@@ -718,7 +719,7 @@ def default_closed_findings(v4: SavedTable, v6: SavedTable) -> tuple[list[str], 
     if v6.policies.get("FORWARD") != "DROP":
         fails.append(f"IPv6 FORWARD policy is {v6.policies.get('FORWARD')}, not DROP")
     if not fails:
-        ev.append(f"IPv4: FORWARD → DOCKER-USER → {TENANTS_FWD} first; {TENANTS_FWD} ends in "
+        ev.append(f"IPv4: {'FORWARD → DOCKER-USER → ' + TENANTS_FWD + ' first; ' if docker else ''}{TENANTS_FWD} ends in "
                   f"'{' '.join(TENANTS_DEFAULT_DROP)}' after {plural(len(hooked), 'tenant bridge goto', 'tenant bridge gotos')}"
                   f"{' (' + ', '.join(hooked) + ')' if hooked else ''}; DN-INPUT drops {bridges} after {TENANTS_IN}")
         ev.append(f"IPv6: DN-FORWARD and DN-INPUT drop {bridges} first")
