@@ -430,3 +430,30 @@ def test_operator_key_fingerprint_matches_ssh_keygen(tmp_path):
         assert out.split()[1] == fp
     (tmp_path / "id_ed25519.pub").unlink()
     assert audit.operator_key_fingerprint(s) is None
+
+
+# -- the pinned keys in the configuration ---------------------------------------------------------
+def test_anchor_keys_are_validated_and_pinned_only_from_the_configuration(tmp_path):
+    from dn.config import Settings, load_settings
+    from dn.errors import ConfigError
+
+    key = _key()
+    line = audit.pinned_key(audit.public_key_b64(key))
+    s = Settings.model_validate({"data_dir": str(tmp_path), "audit": {"anchor_keys": [line]}})
+    assert audit.trusted_anchor_keys(s) == {audit.public_key_b64(key)}
+    # This machine's own key file is no anchor of trust unless the configuration pins it.
+    bare = Settings.model_validate({"data_dir": str(tmp_path)})
+    audit.anchor_key(bare)
+    assert audit.trusted_anchor_keys(bare) == set() and audit.signing_key(bare) is None
+    cfg = tmp_path / "dn.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n[audit]\nanchor_keys = ["ssh-ed25519 AAAA"]\n')
+    with pytest.raises(ConfigError, match=r"dn.toml: audit\.anchor_keys: Value error, 'ssh-ed25519 AAAA' must be \"ed25519:"):
+        load_settings(cfg, environ={})
+
+
+def test_retention_below_the_promised_90_days_is_refused(tmp_path):
+    from dn.config import Settings
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="audit_days"):
+        Settings.model_validate({"data_dir": str(tmp_path), "retention": {"audit_days": 60}})
