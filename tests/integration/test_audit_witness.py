@@ -126,6 +126,14 @@ def test_region_witness_is_never_replaced_and_a_forged_one_is_named(dn_ctx, pg_s
         before = store.read_record(audit.WITNESS_DIR, w.name)
         assert audit.record_region_witness(store, key, w.seq, w.hash) is None  # same name: not written again
         assert store.read_record(audit.WITNESS_DIR, w.name) == before
+        # The rename a record is put in place with refuses an existing target (the region's sshd).
+        tmp = f"{store.root}/{audit.WITNESS_DIR}/.probe.part"
+        with store.sftp.open(tmp, "wb") as f:
+            f.write(b"{}")
+        with pytest.raises(OSError):
+            store.sftp.rename(tmp, f"{store.root}/{audit.WITNESS_DIR}/{w.name}")
+        store.sftp.remove(tmp)
+        assert store.read_record(audit.WITNESS_DIR, w.name) == before
         # A newer "witness" written with someone else's key (or edited) is a problem, not a pass.
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
