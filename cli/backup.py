@@ -38,7 +38,10 @@ def run_(
 
     pg_dump runs in one snapshot with the row counts, is encrypted while it streams, and is
     uploaded under a temporary name; the manifest is written last. Retries with backoff when
-    the region cannot be reached (backup.retries), then exits 3.
+    the region cannot be reached (backup.retries), then exits 3. The data key comes from the
+    region's escrow (made and escrowed first on the very first backup). A tenant's backup holds
+    the tenant's lock (exit 5 while it is held, e.g. by a GDPR deletion) and is refused for a
+    deleted tenant or one whose keys were shredded.
     """
     from dn import audit
     from dn.backup import keys, run
@@ -164,8 +167,10 @@ def shred(
     yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
     json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Destroy a tenant's backup keys (crypto-shredding): every backup of the tenant becomes
-    unreadable, wherever a copy lives. Irreversible. Platform backups are not affected."""
+    """Destroy a tenant's backup keys (crypto-shredding) here, in every configured host's keystore
+    (over SSH) and in the region's escrow, leaving tombstones, then check each place: every backup
+    of the tenant becomes unreadable, wherever a copy lives, and no new one is made. Irreversible.
+    Platform backups are not affected."""
     from dn import audit
     from dn.backup import keys, run
     from dn.errors import InvalidInput, OperationFailed
