@@ -10,7 +10,9 @@ Measured per operation (median and p95 over --n runs):
 - privileged(): connect (scram-sha-256 auth), take a tenant lock (advisory lock + op_locks row),
   empty body, append the entry, release, close — what every privileged dn command pays;
 - append on an open connection: chain lock, head read, hash, insert with the head trigger;
-- verify of the whole chain afterwards (per entry).
+- verify of the whole chain afterwards (per entry), with a pinned anchor key and the witness in a
+  private directory of the sandbox's second region (`dn sandbox up`; removed afterwards): the
+  region part (SSH connect, newest witness read, one new witness written) is shown on its own.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def main() -> None:
     from psycopg import sql
 
     from dn import audit, db
-    from dn.config import Settings
+    from dn.backup.store import Store
+    from dn.config import Settings, embedded_default
     from dn.context import Context
     from dn.pgcluster import Cluster
 
@@ -51,10 +54,16 @@ def main() -> None:
         c.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO dn").format(sql.Identifier(name)))
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            from dn.config import default_data_dir
+
+            region = {**embedded_default(default_data_dir())["backup"], "path": f"/backups/bench-{os.getpid()}",
+                      "retries": 0}
             settings = Settings.model_validate({
-                "data_dir": tmp, "hosts": {},
+                "data_dir": tmp, "hosts": {}, "backup": region,
                 "database": {"dsn": cluster.dsn("dn", name), "admin_dsn": cluster.dsn("dn_owner", name),
                              "passfile": str(cluster.passfile)}})
+            pinned = audit.pinned_key(audit.public_key_b64(audit.anchor_key(settings)))
+            settings = settings.model_copy(update={"audit": settings.audit.model_copy(update={"anchor_keys": [pinned]})})
             db.migrate(settings.database, bootstrap_dsn=cluster.dsn("postgres", name))
             ctx = Context(_settings=settings)
             priv = []
@@ -70,16 +79,30 @@ def main() -> None:
                     audit.append(conn, actor="bench", actor_key=None, command="bench", args={"i": i}, tenant=None,
                                  host=None, outcome="ok", exit_code=0, request_id="bench")
                     bare.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            result = audit.verify(ctx)
-            verify_s = time.perf_counter() - t
-            assert result.ok and result.last_seq == 2 * args.n
+            store = Store.open(settings.backup, retries=0)
+            try:
+                t = time.perf_counter()
+                result = audit.verify(ctx, store=store)
+                verify_s = time.perf_counter() - t
+                t = time.perf_counter()
+                audit.read_region_witness(store, audit.trusted_anchor_keys(settings))
+                read_s = time.perf_counter() - t
+                t = time.perf_counter()
+                connect_s = (Store.open(settings.backup, retries=0).close(), time.perf_counter() - t)[1]
+                assert result.ok and result.last_seq == 2 * args.n and result.recorded is not None
+            finally:
+                from tests.fixtures.sandbox import sftp_rmtree
+
+                sftp_rmtree(store.sftp, store.root)
+                store.close()
     finally:
         with db.connect_dsn(cluster.dsn("postgres", "postgres"), cluster.passfile) as c:
             c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     print(f"privileged() with a tenant lock, one entry: {_stats(priv)}")
     print(f"append on an open connection:              {_stats(bare)}")
-    print(f"verify {result.last_seq} entries: {verify_s * 1000:.1f} ms ({verify_s / result.last_seq * 1e6:.0f} µs/entry)")
+    print(f"verify {result.last_seq} entries (region open): {verify_s * 1000:.1f} ms "
+          f"({verify_s / result.last_seq * 1e6:.0f} µs/entry, one new witness written)")
+    print(f"second region: connect {connect_s * 1000:.0f} ms, newest witness read {read_s * 1000:.1f} ms")
 
 
 if __name__ == "__main__":
