@@ -7,6 +7,7 @@ reached or the connection drops, the whole run is retried with exponential backo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -333,6 +334,15 @@ def plan(settings: "Settings", environ: Mapping[str, str], store: Store, now: da
     r = settings.retention
     decisions = {d.id: d for d in retention.plan(entries, now, daily_days=r.backup_daily_days,
                                                   monthly_months=r.backup_monthly_months)}
+    # A slug-named series older dn made ends where the tenant's own series (its identity) begins:
+    # its newest backup is not the newest of a live series, so it expires like any other.
+    successors = {e.series.split(".")[0]: e.series for e in sorted(entries, key=lambda e: e.created)
+                  if e.complete and e.series.startswith("tenant-") and "." in e.series}
+    for d in list(decisions.values()):
+        if d.tier == "newest" and d.series in successors:
+            decisions[d.id] = dataclasses.replace(
+                d, keep=False, tier="expired",
+                reason=f"outside retention; its slug-named series was succeeded by {successors[d.series]}")
     rows = [Row(lst, decisions[lst.id]) for lst in listings]
     return sorted(rows, key=lambda row: row.listing.created, reverse=True)
 

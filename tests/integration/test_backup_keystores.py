@@ -235,3 +235,23 @@ def test_a_reused_slug_gets_a_new_key_and_series(world):
         rows = {r.listing.id: r.decision for r in run.plan(w.op, w.environ, store)}
     assert rows[old.id].tier == "shredded" and not rows[old.id].keep
     assert rows[new.id].series == new.key.owner != rows[old.id].series
+
+
+def test_a_slug_named_series_of_older_dn_expires_once_the_tenants_own_series_exists(world):
+    from datetime import datetime, timedelta, timezone
+
+    w = world
+    with w.env.connect() as conn:
+        tid = add_tenant(conn, "old-series", w.environ, events=5, hours=1, invoices=1)
+    old_key = keys.keystore(w.op, w.environ).create(keys.legacy_owner("old-series"))  # as older dn named it
+    with run.open_store(w.op) as store:
+        old = run._backup_once(w.op, store, old_key, "old-series", tid, lambda s: None, lambda n: None)
+    later = datetime.now(timezone.utc) + timedelta(days=400)
+    with run.open_store(w.op) as store:
+        alone = {r.listing.id: r.decision for r in run.plan(w.op, w.environ, store, later)}
+    assert alone[old.id].tier == "newest" and alone[old.id].keep  # the only backup of the tenant: kept
+    new = run.run_backup(w.op, w.environ, tenant="old-series")
+    with run.open_store(w.op) as store:
+        rows = {r.listing.id: r.decision for r in run.plan(w.op, w.environ, store, later)}
+    assert rows[new.id].tier == "newest" and rows[new.id].keep and rows[new.id].series == new.key.owner
+    assert rows[old.id].tier == "expired" and not rows[old.id].keep and new.key.owner in rows[old.id].reason
