@@ -6,10 +6,9 @@ including copies dn can no longer reach. Platform backups use the ``platform`` k
 
 A tenant's key belongs to the tenant's identity, not its slug: its owner is
 ``tenant-<slug>.<tenant id>-<stamp>`` (:func:`owner_for`), so a tenant created later under a
-reused slug gets a key (and a
-backup series, :attr:`dn.backup.manifest.Manifest.series`) of its own. ``tenant-<slug>`` (no id)
-is the owner name dn used before; such keys are still read (old backups restore) and are
-shredded with the slug's tenant, but never used for a new backup.
+reused slug gets a key (and a backup series, :attr:`dn.backup.manifest.Manifest.series`) of its
+own. ``tenant-<slug>`` (no id) is the owner name dn used before; such keys are still read (old
+backups restore) and are shredded with the slug's tenant, but never used for a new backup.
 
 Keystore layout, under ``<data_dir>/backup-keys/`` (directory 0700, files 0600)::
 
@@ -59,6 +58,7 @@ class KeystoreError(OperationFailed):
 
 
 def check_tenant(tenant: str) -> str:
+    """``tenant`` if it is a tenant slug, else InvalidInput naming the rule."""
     if not re.fullmatch(NAME_RE, tenant or ""):
         raise InvalidInput("tenant", f"{tenant!r} must match {NAME_RE}")
     return tenant
