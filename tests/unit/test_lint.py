@@ -1,7 +1,8 @@
 """ruff (lint and format) and mypy over the tree, through scripts/lint: the same commands CI runs and
 .pre-commit-config.yaml runs. Configuration is pyproject.toml's [tool.ruff] and [tool.mypy] (strict
 on the pure core). A new finding fails the suite; a missing tool fails too (scripts/setup installs
-both from requirements.txt). The workflow checkers run in tests/unit/test_workflows.py.
+both from requirements.txt). zizmor checks .github/dependabot.yml here; the workflow checkers run
+in tests/unit/test_workflows.py.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _lint(check: str, timeout: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(LINT), check], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("check", ["ruff", "format", "types"])
+@pytest.mark.parametrize("check", ["ruff", "format", "types", "dependabot"])
 def test_tree_is_clean(check):
     r = _lint(check, timeout=900)
     assert r.returncode == 0, f"scripts/lint {check} failed:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
