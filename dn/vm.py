@@ -113,18 +113,61 @@ def apt_mirror(sources: Sequence[str]) -> str:
     return DEFAULT_MIRROR
 
 
-def requirements(freeze: str) -> tuple[str, ...]:
-    """The pinned Python distributions of ``pip freeze`` output, without dn itself (deployed at
-    ``up``) and editable or path installs (they have no wheel to fetch)."""
-    out = []
-    for line in freeze.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", "-e", "-")) or " @ " in line or "==" not in line:
+def _req_name(req: str) -> tuple[str, set[str], str]:
+    """``name[extra,...] (spec) ; marker`` → (normalised name, extras, marker)."""
+    body, _, marker = req.partition(";")
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^]]*)\])?", body)
+    if not m:
+        raise ValueError(f"not a requirement: {req!r}")
+    extras = {e.strip().lower() for e in (m.group(2) or "").split(",") if e.strip()}
+    return re.sub(r"[-_.]+", "-", m.group(1)).lower(), extras, marker.strip()
+
+
+def requirements(root: str, requires: Callable[[str], Sequence[str] | None],
+                 version: Callable[[str], str | None]) -> tuple[str, ...]:
+    """The pinned runtime closure of distribution ``root`` (without ``root`` itself, which is
+    deployed at ``up``): ``requires(name)`` gives a distribution's requirement strings,
+    ``version(name)`` its installed version (None: not installed, its marker is false here).
+    A requirement behind ``extra == "x"`` counts only when that extra was asked for."""
+    pins: dict[str, str] = {}
+    todo: list[tuple[str, set[str]]] = [(_req_name(root)[0], set())]
+    seen: set[tuple[str, frozenset]] = set()
+    while todo:
+        name, extras = todo.pop()
+        if (name, frozenset(extras)) in seen:
             continue
-        if line.split("==", 1)[0].lower() == "dn":
-            continue
-        out.append(line)
-    return tuple(sorted(set(out), key=lambda s: (s.lower(), s)))
+        seen.add((name, frozenset(extras)))
+        for req in requires(name) or ():
+            dep, dep_extras, marker = _req_name(req)
+            wanted = re.findall(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+            if wanted and not extras & {w.lower() for w in wanted}:
+                continue
+            v = version(dep)
+            if v is None:
+                continue
+            pins[dep] = v
+            todo.append((dep, dep_extras))
+    pins.pop(_req_name(root)[0], None)
+    return tuple(f"{n}=={v}" for n, v in sorted(pins.items()))
+
+
+def installed_requirements(root: str = "dn") -> tuple[str, ...]:
+    """:func:`requirements` from this interpreter's installed distributions."""
+    from importlib import metadata
+
+    def requires(name: str) -> Sequence[str] | None:
+        try:
+            return metadata.requires(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return requirements(root, requires, version)
 
 
 def networkd_unit(address: str = GUEST_ADDR, prefixlen: int = PREFIXLEN, mac: str = GUEST_MAC) -> str:
@@ -191,8 +234,8 @@ class Recipe:
         return self.digest[:16]
 
 
-def recipe(mirror: str, freeze: str) -> Recipe:
-    return Recipe(python=requirements(freeze), files=tuple(sorted(guest_files(mirror).items())))
+def recipe(mirror: str, python: Sequence[str]) -> Recipe:
+    return Recipe(python=tuple(python), files=tuple(sorted(guest_files(mirror).items())))
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,17 +464,15 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def machine_recipe() -> Recipe:
-    """The recipe on this machine: its apt mirror and this dn's pinned Python dependencies."""
-    import sys
-
+    """The recipe on this machine: its apt mirror and the pinned closure of dn's runtime
+    dependencies (not whatever else the venv holds: test tools, linters)."""
     texts = []
     for p in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
         try:
             texts.append(p.read_text())
         except OSError:
             pass
-    freeze = _run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], timeout=120).stdout.decode()
-    return recipe(apt_mirror(texts), freeze)
+    return recipe(apt_mirror(texts), installed_requirements())
 
 
 def preflight() -> None:
@@ -508,7 +549,7 @@ def _wheels(rcp: Recipe, dest: Path, say: Progress) -> None:
     reqs.write_text("\n".join(rcp.python) + "\n")
     say(f"wheels: {len(rcp.python)} pinned distributions")
     _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", "-d", str(dest),
-          "-r", str(reqs)], timeout=900, env={**DAEMON_ENV, "HOME": str(Path.home())})
+          "-r", str(reqs)], timeout=900, env=dict(os.environ))  # pip's own configuration (index, CA) applies
 
 
 def build(rcp: Recipe, *, cache: Path | None = None, mirror: str | None = None, progress: Progress = _quiet) -> Image:
@@ -581,11 +622,20 @@ def build(rcp: Recipe, *, cache: Path | None = None, mirror: str | None = None, 
         _run(["mkfs.ext4", "-q", "-F", "-L", "dn-root", "-E", "root_owner=0:0", "-d", str(root),
               str(work / "rootfs.raw"), f"{rcp.size_mb}M"], timeout=1200)
         progress(f"rootfs.raw packed in {time.monotonic() - t:.0f}s")
-        shutil.rmtree(root)
+        _run(["rm", "-rf", "--one-file-system", str(root)], timeout=600)  # faster than shutil.rmtree
         _write(work / "recipe.json", (json.dumps(rcp.to_dict(), indent=2, sort_keys=True) + "\n").encode())
         os.rename(work, image.dir)
         progress(f"image {image.dir} built in {time.monotonic() - started:.0f}s")
+        _prune(cache, keep={image.dir, Path(_load_state(Run()).get("image") or image.dir)})
     return image
+
+
+def _prune(cache: Path, keep: set[Path]) -> None:
+    """Remove images of older recipes (about 1.5 GB each), except those in ``keep`` (the new
+    one, and the one a running VM's overlay is backed by)."""
+    for d in cache.iterdir():
+        if d.is_dir() and re.fullmatch(r"[0-9a-f]{16}", d.name) and d not in keep:
+            _run(["rm", "-rf", "--one-file-system", str(d)], timeout=600)
 
 
 def image_host_key(image: Image) -> str:
@@ -675,7 +725,8 @@ def _ensure_tap(say: Progress) -> None:
     _run(["ip", "link", "set", TAP, "up"])
 
 
-def _tcp_banner(address: str, port: int, expect: bytes, timeout: float = 2.0) -> bool:
+def _tcp_banner(address: str, port: int, expect: bytes, timeout: float = 10.0) -> bool:
+    # generous: under TCG on a busy machine sshd may take seconds to send its banner
     try:
         with socket.create_connection((address, port), timeout=timeout) as s:
             s.settimeout(timeout)
@@ -743,12 +794,14 @@ def _qmp(run: Run, command: str, timeout: float = 5) -> bool:
         return False
 
 
-def stop(run: Run = Run(), *, progress: Progress = _quiet, grace: float = 60) -> bool:
-    """Power the VM off (ACPI, then SIGTERM, then SIGKILL); False when it was not running."""
+def stop(run: Run = Run(), *, progress: Progress = _quiet, grace: float = 0) -> bool:
+    """Stop the VM: with ``grace``, an ACPI power-off first (waiting that long), then SIGTERM,
+    then SIGKILL. Without (the default: every caller throws the disk overlay away), QEMU is
+    simply ended. False when it was not running."""
     pid = qemu_pid(run)
     if pid is None:
         return False
-    if _qmp(run, "system_powerdown"):
+    if grace > 0 and _qmp(run, "system_powerdown"):
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.5)
@@ -796,16 +849,17 @@ def dn_launcher() -> str:
     return f"#!{VENV}/bin/python3\n# Managed by dn.\nimport sys\nfrom cli.main import run\nsys.exit(run())\n"
 
 
-def deploy_dn(target, *, progress: Progress = _quiet) -> bool:
-    """Install this dn on the VM host (``/opt/dn/src``, on the venv's path, launched by
-    ``/usr/local/bin/dn``), as one swap; False when the host already runs this tree."""
+def deploy_dn(target, *, root: Path | None = None, progress: Progress = _quiet) -> tuple[bool, str]:
+    """Install this dn (or the tree at ``root``) on the VM host (``/opt/dn/src``, on the venv's
+    path, launched by ``/usr/local/bin/dn``), as one swap. Returns whether anything changed
+    (False: the host already runs this tree) and the tree's digest."""
     from dn import ssh
 
-    data, digest = dn_tree()
+    data, digest = dn_tree(root)
     with ssh.connect(target) as s:
         marker = f"{DN_SRC}.digest"
         if s.exists(marker) and s.read_file(marker).decode().strip() == digest and s.exists(DN_BIN):
-            return False
+            return False, digest
         new = f"{DN_SRC}.new"
         s.run(["rm", "-rf", new])
         s.run(["mkdir", "-p", new])
@@ -818,7 +872,7 @@ def deploy_dn(target, *, progress: Progress = _quiet) -> bool:
         s.run([DN_BIN, "--help"], timeout=300)  # it starts: imports resolve on the host
         s.install_file(marker, (digest + "\n").encode(), mode=0o644)
     progress(f"dn deployed to {DN_SRC} ({len(data) // 1024} KiB, {digest[:12]})")
-    return True
+    return True, digest
 
 
 def write_client_files(data_dir: Path, image: Image) -> ClientFiles:

@@ -35,19 +35,38 @@ def test_apt_mirror(sources, mirror):
     assert vm.apt_mirror(sources) == mirror
 
 
-def test_requirements_drop_dn_editable_and_paths():
-    freeze = "\n".join(["Paramiko==3.5.0", "-e git+https://x/dn#egg=dn", "dn==0.1.0", "pkg @ file:///tmp/pkg",
-                        "attrs==23.1.0", "# comment", "paramiko==3.5.0", ""])
-    assert vm.requirements(freeze) == ("attrs==23.1.0", "Paramiko==3.5.0", "paramiko==3.5.0")
+def test_requirements_are_the_runtime_closure_of_dn():
+    requires = {
+        "dn": ["typer>=0.28,<0.29", "psycopg[binary]>=3.1", "hypothesis; extra == 'test'", "missing-here>=1"],
+        "typer": ["click>=8", "rich>=10 ; extra == \"all\"", "Typing_Extensions>=4"],
+        "psycopg": ["psycopg-binary==3.3.9; extra == 'binary'", "psycopg-c; extra == 'c'",
+                    "typing-extensions>=4.6"],
+        "click": [], "psycopg-binary": None, "typing-extensions": [],
+    }
+    versions = {"typer": "0.28.0", "psycopg": "3.3.9", "psycopg-binary": "3.3.9", "click": "8.1.7",
+                "typing-extensions": "4.12.0", "hypothesis": "6.1", "rich": "13", "psycopg-c": "3.3.9", "dn": "0.1.0"}
+    got = vm.requirements("dn", requires.get, versions.get)
+    # test extras, typer's [all] and psycopg's [c] are not asked for; an uninstalled one is skipped
+    assert got == ("click==8.1.7", "psycopg==3.3.9", "psycopg-binary==3.3.9", "typer==0.28.0",
+                   "typing-extensions==4.12.0")
+
+
+def test_installed_requirements_pin_what_dn_runs_with():
+    from importlib import metadata
+
+    got = dict(r.split("==") for r in vm.installed_requirements())
+    for dist in ("paramiko", "pydantic", "typer", "pulumi", "psycopg"):
+        assert got[dist] == metadata.version(dist)
+    assert "pytest" not in got and "dn" not in got
 
 
 def test_recipe_digest_is_stable_and_changes_with_the_recipe():
-    a = vm.recipe("http://deb.debian.org/debian", "paramiko==3.5.0\n")
-    assert a.digest == vm.recipe("http://deb.debian.org/debian", "paramiko==3.5.0\n").digest
+    a = vm.recipe("http://deb.debian.org/debian", ["paramiko==3.5.0"])
+    assert a.digest == vm.recipe("http://deb.debian.org/debian", ["paramiko==3.5.0"]).digest
     assert len(a.key) == 16 and a.digest.startswith(a.key)
     changed = {
-        "python pin": vm.recipe("http://deb.debian.org/debian", "paramiko==3.5.1\n"),
-        "mirror (sources.list in the image)": vm.recipe("http://m.example/debian", "paramiko==3.5.0\n"),
+        "python pin": vm.recipe("http://deb.debian.org/debian", ["paramiko==3.5.1"]),
+        "mirror (sources.list in the image)": vm.recipe("http://m.example/debian", ["paramiko==3.5.0"]),
         "package list": vm.Recipe(**{**a.__dict__, "packages": (*a.packages, "nmap")}),
         "kernel": vm.Recipe(**{**a.__dict__, "kernel": ("linux-image-amd64", "initramfs-tools")}),
         "size": vm.Recipe(**{**a.__dict__, "size_mb": a.size_mb + 1}),
