@@ -9,9 +9,9 @@ from dn.models import TenantSpec, parse_host, parse_tenant
 from dn.render import UnsafeValue
 from dn.render.iptables import (
     BLOCKED_EGRESS_V4,
+    TENANTS_DEFAULT_DROP,
     Hook,
     Ruleset,
-    TENANTS_DEFAULT_DROP,
     SavedTable,
     apply_restore,
     combined_restore_text,
@@ -411,7 +411,7 @@ def test_undo_of_a_rewrite_puts_the_earlier_rules_back_in_order():
     assert back.chain("DOCKER-USER") == s.chain("DOCKER-USER") and back.chain("DN-TENANTS-FWD") == []
     assert undo_problems(s, left, back, base.chains) == []
     lines = _lines(undo)
-    assert lines.index(f"-X DN-INPUT") < lines.index("-N DN-INPUT")
+    assert lines.index("-X DN-INPUT") < lines.index("-N DN-INPUT")
     assert "-D DN-TENANTS-FWD " + " ".join(TENANTS_DEFAULT_DROP).replace("dn:tenants-default-drop", '"dn:tenants-default-drop"') in lines
 
 
