@@ -7,6 +7,7 @@ locked one, and when an advisory ignore is malformed or expired. The audit asks 
 service about every locked pin; when the service cannot answer, the test fails (closed): a set that
 was not audited is never reported as clean.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -59,8 +60,12 @@ def parse_lock(text: str) -> dict[str, Pin]:
             m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
             if not m:
                 raise ValueError(f"requirements.txt: not an exact pin: {line[:80]!r}")
-            current = {"name": canonicalize_name(m.group(1)), "version": m.group(2),
-                       "hashes": len(re.findall(r"--hash=sha256:[0-9a-f]{64}", line)), "via": []}
+            current = {
+                "name": canonicalize_name(m.group(1)),
+                "version": m.group(2),
+                "hashes": len(re.findall(r"--hash=sha256:[0-9a-f]{64}", line)),
+                "via": [],
+            }
         elif current is not None and line.startswith("#"):
             via = re.sub(r"^#\s*(via)?\s*", "", line).strip()
             if via:
@@ -79,8 +84,9 @@ def declared(pyproject: Mapping, build_in: str) -> dict[str, list[Requirement]]:
     return {VIA_PYPROJECT: [Requirement(r) for r in reqs], VIA_BUILD: [Requirement(r) for r in build if r]}
 
 
-def lock_problems(pyproject: Mapping, build_in: str, pins: Mapping[str, Pin],
-                  requires_of: Callable[[str], Iterable[str]]) -> list[str]:
+def lock_problems(
+    pyproject: Mapping, build_in: str, pins: Mapping[str, Pin], requires_of: Callable[[str], Iterable[str]]
+) -> list[str]:
     """Every way the lock disagrees with the declarations; empty when it follows from them.
 
     ``requires_of(name)`` gives a locked package's Requires-Dist lines (to resolve extras such as
@@ -90,7 +96,9 @@ def lock_problems(pyproject: Mapping, build_in: str, pins: Mapping[str, Pin],
     build_system = [Requirement(r) for r in pyproject.get("build-system", {}).get("requires", [])]
     for req in build_system:
         if canonicalize_name(req.name) not in {canonicalize_name(r.name) for r in sources[VIA_BUILD]}:
-            problems.append(f"{req.name}: pyproject.toml's [build-system] requires it, requirements-build.in does not list it")
+            problems.append(
+                f"{req.name}: pyproject.toml's [build-system] requires it, requirements-build.in does not list it"
+            )
     for source, reqs in sources.items():
         names = set()
         for req in [*reqs, *(build_system if source == VIA_BUILD else [])]:
@@ -103,13 +111,18 @@ def lock_problems(pyproject: Mapping, build_in: str, pins: Mapping[str, Pin],
             if not req.specifier.contains(pin.version, prereleases=True):
                 problems.append(f"{req}: declared ({source}) but requirements.txt pins {pin.name}=={pin.version}")
             if source not in pin.via:
-                problems.append(f"{pin.name}: declared ({source}) but requirements.txt does not say it is via {source!r}")
+                problems.append(
+                    f"{pin.name}: declared ({source}) but requirements.txt does not say it is via {source!r}"
+                )
             for extra in sorted(req.extras):
                 for line in requires_of(name):
                     dep = Requirement(line)
-                    if dep.marker is not None and dep.marker.evaluate({"extra": extra}) \
-                            and not dep.marker.evaluate({"extra": ""}) \
-                            and canonicalize_name(dep.name) not in pins:
+                    if (
+                        dep.marker is not None
+                        and dep.marker.evaluate({"extra": extra})
+                        and not dep.marker.evaluate({"extra": ""})
+                        and canonicalize_name(dep.name) not in pins
+                    ):
                         problems.append(f"{req}: its extra {extra!r} needs {dep.name}, not in requirements.txt")
         for pin in pins.values():
             if source in pin.via and pin.name not in names:
@@ -149,12 +162,19 @@ def test_lock_follows_from_pyproject():
 def test_installed_packages_are_the_locked_ones():
     pins = _lock()
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
-    wrong = [f"{n}: installed {installed.get(n, 'nothing')}, locked {p.version}"
-             for n, p in sorted(pins.items()) if installed.get(n) != p.version]
-    unlocked = [f"{n}=={v}: installed but not in requirements.txt" for n, v in sorted(installed.items())
-                if n not in pins and n != "dn"]
-    assert not wrong + unlocked, "\n".join([*wrong, *unlocked,
-                                            "install from the lock: scripts/setup (pip install --require-hashes -r requirements.txt)"])
+    wrong = [
+        f"{n}: installed {installed.get(n, 'nothing')}, locked {p.version}"
+        for n, p in sorted(pins.items())
+        if installed.get(n) != p.version
+    ]
+    unlocked = [
+        f"{n}=={v}: installed but not in requirements.txt"
+        for n, v in sorted(installed.items())
+        if n not in pins and n != "dn"
+    ]
+    assert not wrong + unlocked, "\n".join(
+        [*wrong, *unlocked, "install from the lock: scripts/setup (pip install --require-hashes -r requirements.txt)"]
+    )
 
 
 LOCK_SAMPLE = """\
@@ -177,39 +197,70 @@ setuptools==84.2.1 \\
     #   pulumi-policy
 """.replace("{h}", "0" * 64)
 
-PSYCOPG_REQUIRES = ["typing-extensions>=4.6", 'psycopg-binary==3.3.9; implementation_name != "pypy" and extra == "binary"']
+PSYCOPG_REQUIRES = [
+    "typing-extensions>=4.6",
+    'psycopg-binary==3.3.9; implementation_name != "pypy" and extra == "binary"',
+]
 
 
 def _project(deps, test=(), build=("setuptools>=68",)):
-    return {"build-system": {"requires": list(build)},
-            "project": {"dependencies": list(deps), "optional-dependencies": {"test": list(test)}}}
+    return {
+        "build-system": {"requires": list(build)},
+        "project": {"dependencies": list(deps), "optional-dependencies": {"test": list(test)}},
+    }
 
 
 def test_lock_checker_accepts_a_lock_that_follows():
     pins = parse_lock(LOCK_SAMPLE)
     assert pins["pytest"].hashes == 2 and pins["setuptools"].via == ("-r requirements-build.in", "pulumi-policy")
-    assert lock_problems(_project(["psycopg[binary]>=3.1"], ["pytest>=8"]), "setuptools>=68\n", pins,
-                         lambda n: PSYCOPG_REQUIRES) == []
+    assert (
+        lock_problems(
+            _project(["psycopg[binary]>=3.1"], ["pytest>=8"]), "setuptools>=68\n", pins, lambda n: PSYCOPG_REQUIRES
+        )
+        == []
+    )
 
 
-@pytest.mark.parametrize("project, build_in, requires, expected", [
-    # A dependency added to pyproject.toml without regenerating the lock.
-    (_project(["psycopg[binary]>=3.1", "rich>=13"], ["pytest>=8"]), "setuptools>=68", PSYCOPG_REQUIRES,
-     "rich>=13: declared (dn (pyproject.toml)) but not in requirements.txt"),
-    # A dependency removed from pyproject.toml: the lock still carries it as dn's.
-    (_project(["psycopg[binary]>=3.1"]), "setuptools>=68", PSYCOPG_REQUIRES,
-     "pytest==9.2.0: locked via 'dn (pyproject.toml)', which no longer declares it"),
-    # A specifier the locked version does not satisfy (a pin moved in pyproject.toml only).
-    (_project(["psycopg[binary]>=3.4"], ["pytest>=8"]), "setuptools>=68", PSYCOPG_REQUIRES,
-     "psycopg[binary]>=3.4: declared (dn (pyproject.toml)) but requirements.txt pins psycopg==3.3.9"),
-    # An extra whose packages are not locked.
-    (_project(["psycopg[binary,pool]>=3.1"], ["pytest>=8"]), "setuptools>=68",
-     [*PSYCOPG_REQUIRES, 'psycopg-pool; extra == "pool"'],
-     "psycopg[binary,pool]>=3.1: its extra 'pool' needs psycopg-pool, not in requirements.txt"),
-    # The build backend changed in [build-system] but not in requirements-build.in.
-    (_project(["psycopg[binary]>=3.1"], ["pytest>=8"], build=("flit-core>=3",)), "setuptools>=68", PSYCOPG_REQUIRES,
-     "flit-core: pyproject.toml's [build-system] requires it, requirements-build.in does not list it"),
-])
+@pytest.mark.parametrize(
+    "project, build_in, requires, expected",
+    [
+        # A dependency added to pyproject.toml without regenerating the lock.
+        (
+            _project(["psycopg[binary]>=3.1", "rich>=13"], ["pytest>=8"]),
+            "setuptools>=68",
+            PSYCOPG_REQUIRES,
+            "rich>=13: declared (dn (pyproject.toml)) but not in requirements.txt",
+        ),
+        # A dependency removed from pyproject.toml: the lock still carries it as dn's.
+        (
+            _project(["psycopg[binary]>=3.1"]),
+            "setuptools>=68",
+            PSYCOPG_REQUIRES,
+            "pytest==9.2.0: locked via 'dn (pyproject.toml)', which no longer declares it",
+        ),
+        # A specifier the locked version does not satisfy (a pin moved in pyproject.toml only).
+        (
+            _project(["psycopg[binary]>=3.4"], ["pytest>=8"]),
+            "setuptools>=68",
+            PSYCOPG_REQUIRES,
+            "psycopg[binary]>=3.4: declared (dn (pyproject.toml)) but requirements.txt pins psycopg==3.3.9",
+        ),
+        # An extra whose packages are not locked.
+        (
+            _project(["psycopg[binary,pool]>=3.1"], ["pytest>=8"]),
+            "setuptools>=68",
+            [*PSYCOPG_REQUIRES, 'psycopg-pool; extra == "pool"'],
+            "psycopg[binary,pool]>=3.1: its extra 'pool' needs psycopg-pool, not in requirements.txt",
+        ),
+        # The build backend changed in [build-system] but not in requirements-build.in.
+        (
+            _project(["psycopg[binary]>=3.1"], ["pytest>=8"], build=("flit-core>=3",)),
+            "setuptools>=68",
+            PSYCOPG_REQUIRES,
+            "flit-core: pyproject.toml's [build-system] requires it, requirements-build.in does not list it",
+        ),
+    ],
+)
 def test_lock_checker_names_each_disagreement(project, build_in, requires, expected):
     assert expected in lock_problems(project, build_in, parse_lock(LOCK_SAMPLE), lambda n: requires)
 
@@ -217,7 +268,8 @@ def test_lock_checker_names_each_disagreement(project, build_in, requires, expec
 def test_lock_checker_refuses_a_pin_without_a_hash():
     pins = parse_lock(LOCK_SAMPLE.replace("psycopg==3.3.9 \\\n    --hash=sha256:" + "0" * 64, "psycopg==3.3.9"))
     assert "psycopg==3.3.9: no --hash in requirements.txt" in lock_problems(
-        _project(["psycopg[binary]>=3.1"], ["pytest>=8"]), "setuptools>=68", pins, lambda n: PSYCOPG_REQUIRES)
+        _project(["psycopg[binary]>=3.1"], ["pytest>=8"]), "setuptools>=68", pins, lambda n: PSYCOPG_REQUIRES
+    )
 
 
 def test_lock_parser_refuses_a_range():
@@ -271,20 +323,27 @@ def test_audit_ignores_are_complete_and_current():
 
 
 TODAY = dt.date(2026, 12, 2)
-GOOD = {"id": "GHSA-aaaa-bbbb-cccc", "package": "jinja2", "reason": "dn renders no untrusted template",
-        "expires": TODAY + dt.timedelta(days=30)}
+GOOD = {
+    "id": "GHSA-aaaa-bbbb-cccc",
+    "package": "jinja2",
+    "reason": "dn renders no untrusted template",
+    "expires": TODAY + dt.timedelta(days=30),
+}
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({**GOOD, "expires": TODAY}, "expired on 2026-12-02"),
-    ({**GOOD, "expires": TODAY - dt.timedelta(days=1)}, "expired on 2026-12-01"),
-    ({**GOOD, "expires": TODAY + dt.timedelta(days=91)}, "more than 90 days away"),
-    ({**GOOD, "expires": "2027-01-01"}, "`expires` is required (a TOML date"),
-    ({k: v for k, v in GOOD.items() if k != "reason"}, "`reason` is required"),
-    ({**GOOD, "reason": "  "}, "`reason` is required"),
-    ({k: v for k, v in GOOD.items() if k != "id"}, "`id` is required"),
-    ({**GOOD, "until": "forever"}, "unknown field(s) ['until']"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({**GOOD, "expires": TODAY}, "expired on 2026-12-02"),
+        ({**GOOD, "expires": TODAY - dt.timedelta(days=1)}, "expired on 2026-12-01"),
+        ({**GOOD, "expires": TODAY + dt.timedelta(days=91)}, "more than 90 days away"),
+        ({**GOOD, "expires": "2027-01-01"}, "`expires` is required (a TOML date"),
+        ({k: v for k, v in GOOD.items() if k != "reason"}, "`reason` is required"),
+        ({**GOOD, "reason": "  "}, "`reason` is required"),
+        ({k: v for k, v in GOOD.items() if k != "id"}, "`id` is required"),
+        ({**GOOD, "until": "forever"}, "unknown field(s) ['until']"),
+    ],
+)
 def test_an_ignore_that_is_not_a_dated_decision_fails(entry, expected):
     problems = ignore_problems({"ignore": [entry]}, TODAY)
     assert any(expected in p for p in problems), problems
@@ -316,17 +375,21 @@ def audit_findings(report: Mapping, pins: Mapping[str, Pin]) -> list[str]:
 
 def test_audit_findings_name_advisories_and_unaudited_pins():
     pins = parse_lock(LOCK_SAMPLE)
-    report = {"dependencies": [
-        {"name": "psycopg", "version": "3.3.9", "vulns": []},
-        {"name": "psycopg-binary", "version": "3.3.9", "vulns": []},
-        {"name": "pytest", "version": "9.2.0", "vulns": [{"id": "PYSEC-1", "fix_versions": ["9.2.1"]}]},
-        {"name": "setuptools", "skip_reason": "Dependency not found on PyPI and could not be audited"},
-    ]}
+    report = {
+        "dependencies": [
+            {"name": "psycopg", "version": "3.3.9", "vulns": []},
+            {"name": "psycopg-binary", "version": "3.3.9", "vulns": []},
+            {"name": "pytest", "version": "9.2.0", "vulns": [{"id": "PYSEC-1", "fix_versions": ["9.2.1"]}]},
+            {"name": "setuptools", "skip_reason": "Dependency not found on PyPI and could not be audited"},
+        ]
+    }
     assert audit_findings(report, pins) == [
         "pytest==9.2.0: PYSEC-1 (fixed in: 9.2.1)",
-        "setuptools: not audited: Dependency not found on PyPI and could not be audited"]
+        "setuptools: not audited: Dependency not found on PyPI and could not be audited",
+    ]
     assert audit_findings({"dependencies": []}, {"rich": Pin("rich", "15.0.0", 1, ())}) == [
-        "rich==15.0.0: locked but absent from pip-audit's report"]
+        "rich==15.0.0: locked but absent from pip-audit's report"
+    ]
 
 
 @pytest.mark.audit
@@ -342,15 +405,35 @@ def test_locked_set_has_no_known_advisory():
     ignores = _ignores()
     assert not ignore_problems(ignores, dt.date.today()), "fix requirements-audit-ignore.toml first"
     skip = [a for e in ignores["ignore"] for a in ("--ignore-vuln", e["id"])]
-    r = subprocess.run([str(exe), "-r", str(LOCK), "--require-hashes", "--disable-pip", "--strict",
-                        "--format", "json", "--progress-spinner", "off", "--timeout", "30", *skip],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(exe),
+            "-r",
+            str(LOCK),
+            "--require-hashes",
+            "--disable-pip",
+            "--strict",
+            "--format",
+            "json",
+            "--progress-spinner",
+            "off",
+            "--timeout",
+            "30",
+            *skip,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     try:
         report = json.loads(r.stdout)
     except json.JSONDecodeError:
-        pytest.fail("pip-audit could not audit the locked set (the advisory service did not answer for "
-                    f"every pin; nothing is reported clean that was not audited), exit {r.returncode}:\n"
-                    + r.stderr[-3000:])
+        pytest.fail(
+            "pip-audit could not audit the locked set (the advisory service did not answer for "
+            f"every pin; nothing is reported clean that was not audited), exit {r.returncode}:\n" + r.stderr[-3000:]
+        )
     findings = audit_findings(report, _lock())
     assert r.returncode == 0 and not findings, "\n".join(
-        [*findings, r.stderr[-2000:], "update the pin (README, Dependencies) or add a dated ignore"])
+        [*findings, r.stderr[-2000:], "update the pin (README, Dependencies) or add a dated ignore"]
+    )

@@ -4,6 +4,7 @@ on the pure core). A new finding fails the suite; a missing tool fails too (scri
 both from requirements.txt). zizmor checks .github/dependabot.yml here; the workflow checkers run
 in tests/unit/test_workflows.py.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -33,11 +34,14 @@ def test_lint_refuses_an_unknown_check():
     assert r.returncode == 2 and "unknown check 'rufff'" in r.stderr
 
 
-@pytest.mark.parametrize("check, source, rule", [
-    ("ruff", "import os\n", "F401"),                        # an unused import
-    ("ruff", "import subprocess\nsubprocess.run('x', shell=True)\n", "S602"),
-    ("format", "x = {  'a':1 }\n", "would be reformatted"),
-])
+@pytest.mark.parametrize(
+    "check, source, rule",
+    [
+        ("ruff", "import os\n", "F401"),  # an unused import
+        ("ruff", "import subprocess\nsubprocess.run('x', shell=True)\n", "S602"),
+        ("format", "x = {  'a':1 }\n", "would be reformatted"),
+    ],
+)
 def test_lint_finds_a_planted_finding(tmp_path, check, source, rule):
     """The configured checks can fail: a file with a known finding, in a copy of the configuration."""
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
@@ -46,8 +50,9 @@ def test_lint_finds_a_planted_finding(tmp_path, check, source, rule):
     (tmp_path / "scripts" / "lint").chmod(0o755)
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     (tmp_path / "planted.py").write_text(source)
-    r = subprocess.run([str(tmp_path / "scripts" / "lint"), check], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [str(tmp_path / "scripts" / "lint"), check], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 1 and rule in r.stdout + r.stderr, r.stdout + r.stderr
 
 
@@ -64,8 +69,9 @@ def test_types_are_strict_on_the_pure_core_only(tmp_path):
     untyped = "def double(x):\n    return x * 2\n"
     (tmp_path / "dn" / "errors.py").write_text(untyped)
     (tmp_path / "dn" / "tenants.py").write_text(untyped)
-    r = subprocess.run([str(tmp_path / "scripts" / "lint"), "types"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [str(tmp_path / "scripts" / "lint"), "types"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "dn/errors.py:1: error: Function is missing a type annotation" in out, out
     assert "dn/tenants.py" not in out, out
