@@ -431,7 +431,9 @@ def test_locked_set_has_no_known_advisory():
     except json.JSONDecodeError:
         pytest.fail(
             "pip-audit could not audit the locked set (the advisory service did not answer for "
-            f"every pin; nothing is reported clean that was not audited), exit {r.returncode}:\n" + r.stderr[-3000:]
+            f"every pin; nothing is reported clean that was not audited), exit {r.returncode}. It asks "
+            "https://pypi.org/pypi/NAME/VERSION/json per pin: 'not found on PyPI' for a locked pin means "
+            "that endpoint did not answer from here.\n" + r.stderr[-3000:]
         )
     findings = audit_findings(report, _lock())
     assert r.returncode == 0 and not findings, "\n".join(
