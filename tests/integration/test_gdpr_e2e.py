@@ -95,6 +95,11 @@ def test_a_tenant_made_by_dn_is_erased_from_host_backups_and_database(env, sandb
     assert steps["stack"]["stack_existed"] and steps["stack"]["probe"]["present"] == []
     # the backup: its key destroyed
     assert [b["id"] for b in steps["backup-keys"]["tenant_backups"]] == [backup_id]
+    # ... in every keystore dn puts keys in, each checked: this machine's, the host's (the data dir
+    # its timers back up with) and the region's escrow
+    checked = {c["keystore"]: c for c in steps["backup-keys"]["checked"]}
+    assert set(checked) == {"operator", f"host {host.name}", f"escrow {env.settings.backup.region}"}
+    assert all(r == {"key_files": [], "tombstone": True} for c in checked.values() for r in c["owners"].values())
 
     assert not Path(image).exists() and not vhost.exists() and not timer.exists()
     assert sandbox.docker(["network", "inspect", spec.network], check=False).returncode != 0
