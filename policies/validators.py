@@ -360,7 +360,7 @@ def baseline_tenants_closed(r: Resource, cfg: Config) -> list[str]:
     net.tenant-default-closed reads the live rules."""
     from dn.host import firewall as fw
     from dn.render.iptables import SavedTable, parse_save
-    from dn.verify.network import default_closed_findings
+    from dn.render.iptables import default_closed_findings
 
     rs = {x.family: x for x in fw.baseline_rulesets(_host(r))}
     v4 = fw.simulate([rs[4]], parse_save(_DOCKER_FORWARD))

@@ -50,6 +50,7 @@ from dn.render.iptables import (
     SavedTable,
     apply_restore,
     combined_restore_text,
+    default_closed_findings,
     format_rule,
     missing_chains,
     parse_save,
@@ -66,7 +67,9 @@ if TYPE_CHECKING:
 FAMILIES = (4, 6)
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
-DEADMAN_S = 30.0  # the host undoes the apply by itself this long after arming, unless disarmed
+# The host undoes the apply by itself this long after arming, unless disarmed. 30 s was less than
+# a baseline apply takes on a slow host (a TCG-emulated VM: the timer undid the rules mid-apply).
+DEADMAN_S = 180.0
 # The host side of the dead-man switch: sleep, then load each undo file that still exists (a
 # compare-and-swap: iptables-restore refuses it whole if what the apply left has changed), and
 # say which it did in the host's log. A constant script; the delay and the paths arrive as
@@ -465,9 +468,9 @@ def _arm(s: "Session", host: HostBaseline, snapshot: FirewallState, the_plan: "F
     return [paths[f] for f in families]
 
 
-def _disarm(s: "Session", armed: Sequence[str]) -> None:
-    for p in armed:
-        s.remove(p)
+def _disarm(s: "Session", armed: Sequence[str]) -> list[str]:
+    """Remove the undo files; returns those already gone (their dead-man timer fired)."""
+    return [p for p in armed if not s.remove(p)]
 
 
 def superseded(undo: str, owned: set[str]) -> bool:
@@ -521,6 +524,7 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
                               hint="plan again (rerun)")
     progress("arm")
     armed = _arm(s, host, snapshot, the_plan, deadman)
+    fired: list[str] = []
     try:
         progress("validate")
         for f, text in the_plan.restore:
@@ -543,7 +547,13 @@ def apply(session: "Session", host: HostBaseline, the_plan: FirewallPlan, *, pro
             raise ApplyRefused(f"{e}; the previous rules were restored exactly", hint=e.hint) from e
     finally:
         if s.active:
-            _disarm(s, armed)
+            fired = _disarm(s, armed)
+    if fired:
+        # The timer ran while dn was still applying: it put the previous rules back, or refused
+        # to (they had changed since); either way the host is not known to be as planned.
+        raise ApplyRefused(f"{s.where}: the firewall's dead-man timer fired before the apply was confirmed "
+                           f"(it took longer than {deadman:g}s): the host may be back on its previous rules; "
+                           "its log says which (tag dn-firewall-deadman)", hint="rerun to apply again")
     _supersede(s, host, the_plan)
     progress("done")
     return after
@@ -603,9 +613,29 @@ def converge_tenant(session: "Session", host: HostBaseline, tenant: "TenantSpec"
                     deadman: float = DEADMAN_S) -> FirewallPlan:
     """read → plan → apply of one tenant's chains; returns the plan carried out."""
     state = read(session)
-    p = plan(tenant_rulesets(host, tenant, extra_bridges), state, name=f"tenant {tenant.slug}", where=session.where)
+    rulesets = tenant_rulesets(host, tenant, extra_bridges)
+    p = plan(rulesets, state, name=f"tenant {tenant.slug}", where=session.where)
+    why = baseline_refusal(rulesets, state)
+    if why:
+        p = FirewallPlan(p.resource, p.changes, p.notes + ("refused: " + why,), p.restore, p.basis,
+                         p.touches_admin, p.rulesets, p.removing)
     apply(session, host, p, progress=progress, deadman=deadman)
     return p
+
+
+def baseline_refusal(rulesets: Sequence[Ruleset], state: FirewallState) -> str | None:
+    """Why a tenant's chains would not isolate it on this host, or None. A tenant's chains only
+    isolate it inside the baseline's closed-by-default path (FORWARD → DOCKER-USER →
+    DN-TENANTS-FWD ending in the drop for every tenant bridge); without it the tenant's containers
+    would reach everything, so a tenant firewall is refused until ``dn host up`` put it there."""
+    after = {f: simulate([r for r in rulesets if r.family == f], state.tables.get(f, {}))
+             if any(r.family == f for r in rulesets) else _table(state, f) for f in FAMILIES}
+    fails, _ = default_closed_findings(after[4], after[6])
+    if not fails:
+        return None
+    return ("the host baseline does not close tenant bridges by default (" + "; ".join(fails[:3])
+            + (f"; {len(fails) - 3} more" if len(fails) > 3 else "")
+            + "): a tenant's chains would not isolate it; run `dn host up` first")
 
 
 def remove_tenant(session: "Session", host: HostBaseline, tenant: "TenantSpec", *,

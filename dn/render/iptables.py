@@ -686,3 +686,85 @@ def undo_problems(before: SavedTable, after: SavedTable, now: SavedTable, owned:
             if rule_target(r) not in rset and before.count(d, r) != after.count(d, r) and now.count(d, r) != before.count(d, r):
                 out.append(f"{d}: '{' '.join(r)}' present {now.count(d, r)} times, expected {before.count(d, r)}")
     return out
+
+
+# --------------------------------------------------------------------------- tenant bridges closed by default
+
+
+def _stops(rule: Sequence[str]) -> bool:
+    return rule_target(rule) in ("DROP", "REJECT")
+
+
+def _entered_first(t: SavedTable, chain: str, target: str) -> str | None:
+    """None if ``chain`` jumps to ``target`` with nothing but drops before it; else why not."""
+    for rule in t.chain(chain):
+        if rule_target(rule) == target and rule == ("-j", target):
+            return None
+        if not _stops(rule):
+            return f"{chain}: '{' '.join(rule)}' comes before the jump to {target}"
+    return f"{chain}: no unconditional jump to {target}"
+
+
+def default_closed_findings(v4: SavedTable, v6: SavedTable) -> tuple[list[str], list[str]]:
+    """(failures, evidence): whether traffic from a tenant bridge (``dnt+``) that no tenant chain
+    explicitly allows is dropped, read from the live rules. IPv4 forwarding: FORWARD enters
+    DOCKER-USER before anything else can accept (Docker keeps it first), DOCKER-USER enters
+    DN-TENANTS-FWD first, DN-TENANTS-FWD holds nothing but drops and one goto per named bridge
+    into that tenant's chain, and ends in the drop for ``dnt+``: a bridge without its chain
+    forwards nothing. IPv4 to the host: DN-INPUT drops ``dnt+`` right after DN-TENANTS-IN, which
+    holds only per-bridge jumps. IPv6: FORWARD and INPUT drop ``dnt+`` first thing."""
+    fails: list[str] = []
+    ev: list[str] = []
+    bridges = f"{BRIDGE_PREFIX}+"
+    if v4.policies.get("FORWARD") != "DROP":
+        fails.append(f"IPv4 FORWARD policy is {v4.policies.get('FORWARD')}, not DROP")
+    docker = any(r == ("-j", "DOCKER-USER") for r in v4.chain("FORWARD"))
+    if not docker:
+        if any(not _stops(r) for r in v4.chain("FORWARD")):
+            fails.append("IPv4 FORWARD forwards without entering DOCKER-USER")
+        else:
+            ev.append("IPv4 FORWARD forwards nothing (Docker's rules are not loaded)")
+    else:
+        fails += [w for w in (_entered_first(v4, "FORWARD", "DOCKER-USER"),
+                              _entered_first(v4, "DOCKER-USER", TENANTS_FWD)) if w]
+    fwd = v4.chain(TENANTS_FWD)
+    if TENANTS_FWD not in v4.policies:
+        fails.append(f"IPv4 {TENANTS_FWD} does not exist")
+    elif not fwd or fwd[-1] != TENANTS_DEFAULT_DROP:
+        fails.append(f"IPv4 {TENANTS_FWD} does not end in the drop for {bridges} (a tenant bridge without its chain "
+                     "would forward unfiltered)")
+    hooked = []
+    for rule in fwd[:-1]:
+        iface = rule[1] if len(rule) == 4 and rule[0] == "-i" and rule[2] == "-g" else None
+        if _stops(rule):
+            continue
+        if iface and not iface.endswith("+") and rule[3] in v4.policies:
+            hooked.append(iface)
+            continue
+        fails.append(f"IPv4 {TENANTS_FWD}: '{' '.join(rule)}' is neither a drop nor one bridge's goto into its chain")
+    dn_input = v4.chain("DN-INPUT")
+    dispatch = ("-i", bridges, "-j", TENANTS_IN)
+    if dispatch not in dn_input or dn_input.index(dispatch) + 1 >= len(dn_input) or not (
+            dn_input[dn_input.index(dispatch) + 1][:2] == ("-i", bridges) and _stops(dn_input[dn_input.index(dispatch) + 1])):
+        fails.append(f"IPv4 DN-INPUT does not drop {bridges} right after {TENANTS_IN}")
+    w = _entered_first(v4, "INPUT", "DN-INPUT")
+    if w:
+        fails.append("IPv4 " + w)
+    for rule in v4.chain(TENANTS_IN):
+        if not (_stops(rule) or (len(rule) == 4 and rule[0] == "-i" and not rule[1].endswith("+") and rule[2] == "-j")):
+            fails.append(f"IPv4 {TENANTS_IN}: '{' '.join(rule)}' is neither a drop nor one bridge's jump into its chain")
+    for chain, first in (("FORWARD", "DN-FORWARD"), ("INPUT", "DN-INPUT")):
+        w = _entered_first(v6, chain, first)
+        if w:
+            fails.append("IPv6 " + w)
+        elif not any(r[:2] == ("-i", bridges) and _stops(r) for r in v6.chain(first)):
+            fails.append(f"IPv6 {first} does not drop {bridges}")
+    if v6.policies.get("FORWARD") != "DROP":
+        fails.append(f"IPv6 FORWARD policy is {v6.policies.get('FORWARD')}, not DROP")
+    if not fails:
+        gotos = f"{len(hooked)} tenant bridge goto{'' if len(hooked) == 1 else 's'}"
+        ev.append(f"IPv4: {'FORWARD → DOCKER-USER → ' + TENANTS_FWD + ' first; ' if docker else ''}{TENANTS_FWD} ends in "
+                  f"'{' '.join(TENANTS_DEFAULT_DROP)}' after {gotos}"
+                  f"{' (' + ', '.join(hooked) + ')' if hooked else ''}; DN-INPUT drops {bridges} after {TENANTS_IN}")
+        ev.append(f"IPv6: DN-FORWARD and DN-INPUT drop {bridges} first")
+    return fails, ev

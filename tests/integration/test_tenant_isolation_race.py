@@ -205,7 +205,7 @@ def test_a_failed_firewall_apply_leaves_the_tenant_reaching_nothing(race_env, sa
 def test_verify_reads_the_default_drop_from_the_live_rules(race_env, sandbox):
     from dn.verify import core
     from dn.verify.claims import CLAIMS
-    from dn.verify.network import default_closed_findings
+    from dn.render.iptables import default_closed_findings
     from dn.verify.probe import Probe
 
     with Probe(sandbox.settings) as probe:

@@ -5,7 +5,7 @@ import pytest
 
 from dn.models import parse_host
 from dn.render.iptables import TENANTS_DEFAULT_DROP, apply_restore, combined_restore_text, parse_save, render_baseline
-from dn.verify.network import default_closed_findings
+from dn.render.iptables import default_closed_findings
 from tests.unit.test_host_plans import DOCKER_ONLY
 from tests.unit.test_render_iptables import tenant
 
@@ -64,3 +64,26 @@ def test_nothing_read_is_not_a_pass():
 
     fails, _ = default_closed_findings(SavedTable(), SavedTable())
     assert fails
+
+
+def _state(v4_save: str, v6_save: str = ""):
+    from dn.host.firewall import FirewallState
+
+    return FirewallState(saved={4: v4_save, 6: v6_save}, tables={4: parse_save(v4_save), 6: parse_save(v6_save)})
+
+
+def test_a_tenant_firewall_is_refused_on_a_host_without_the_baseline():
+    """Without the baseline nothing enters DN-TENANTS-FWD: the tenant's chains would hook into
+    nothing and its containers would reach everything, so the tenant apply is refused."""
+    from dn.host.firewall import baseline_refusal, tenant_rulesets
+
+    why = baseline_refusal(tenant_rulesets(HOST, tenant("acme")), _state(DOCKER_ONLY))
+    assert why and "dn host up" in why and "DN-TENANTS-FWD" in why
+
+
+def test_a_tenant_firewall_is_accepted_inside_the_baseline():
+    from dn.host.firewall import FirewallState, baseline_refusal, tenant_rulesets
+
+    v4, v6 = tables(with_tenant=False)
+    state = FirewallState(saved={4: "", 6: ""}, tables={4: {"filter": v4}, 6: {"filter": v6}})
+    assert baseline_refusal(tenant_rulesets(HOST, tenant("acme")), state) is None
