@@ -379,11 +379,10 @@ def take_over_dead_locks(backend_url: str, name: str, on_takeover: OnLockTakeove
     (``on_takeover`` is called for each before its file goes: it writes the audit entry).
     Returns what was removed: nothing when any holder may be alive (then nothing is touched)."""
     held = stack_locks(backend_url, name)
-    reasons = [lk.dead(stale_after) for lk in held]
-    if not held or any(r is None for r in reasons):
+    dead = [(lk, why) for lk in held if (why := lk.dead(stale_after)) is not None]
+    if not held or len(dead) < len(held):
         return []
-    for lk, why in zip(held, reasons):
-        assert why is not None
+    for lk, why in dead:
         on_takeover(lk, why)
         Path(lk.path).unlink(missing_ok=True)
         # the file bucket keeps a key's metadata beside it (gocloud fileblob); its Delete removes both

@@ -34,9 +34,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from dn.errors import InvalidInput, Locked, OperationFailed
 
@@ -160,7 +161,7 @@ class Claimant:
     pid_start: int | None = None
 
     @classmethod
-    def this_process(cls, actor: str, command: str, request_id: str) -> "Claimant":
+    def this_process(cls, actor: str, command: str, request_id: str) -> Claimant:
         pid = os.getpid()
         return cls(actor, command, request_id, pid, socket.gethostname(), boot_id(), pid_namespace(), pid_start(pid))
 
@@ -185,13 +186,13 @@ class Holder:
     pid_start: int | None = None
 
     def describe(self) -> str:
-        since = self.since.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        since = self.since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (f"{self.actor} running '{self.command}' (request {self.request_id}, pid {self.pid} on "
                 f"{self.machine}) since {since} ({_ago(self.age_seconds)} ago)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["since"] = self.since.astimezone(timezone.utc).isoformat()
+        d["since"] = self.since.astimezone(UTC).isoformat()
         d["holder_backends"] = list(self.holder_backends)
         d["state"] = "held" if self.alive else "stale"
         return d
@@ -250,7 +251,7 @@ def _holder_from(r: dict[str, Any]) -> Holder:
     return Holder(**r, alive=bool(backends), holder_backends=backends)
 
 
-def list_locks(conn: "Connection") -> list[Holder]:
+def list_locks(conn: Connection) -> list[Holder]:
     """Every recorded lock, oldest first, with whether its holder is alive."""
     from dn import db
 
@@ -258,7 +259,7 @@ def list_locks(conn: "Connection") -> list[Holder]:
         return [_holder_from(r) for r in db.rows(conn, _HOLDERS_SQL + " ORDER BY l.acquired_at, l.resource")]
 
 
-def holder(conn: "Connection", res: str) -> Holder | None:
+def holder(conn: Connection, res: str) -> Holder | None:
     from dn import db
 
     r = db.row(conn, _HOLDERS_SQL + " WHERE l.resource = %s", (res,))
@@ -277,7 +278,7 @@ def _stale_error(h: Holder) -> Locked:
 OnTakeover = Callable[[Holder, str], None]
 
 
-def acquire(conn: "Connection", resources: Iterable[str], claimant: Claimant, timeout: float, *,
+def acquire(conn: Connection, resources: Iterable[str], claimant: Claimant, timeout: float, *,
             stale_after: float | None = None, on_takeover: OnTakeover | None = None) -> list[str]:
     """Take the locks on ``resources`` (in sorted order, so two runs never deadlock) for this
     connection's session. Waits up to ``timeout`` seconds in total; raises Locked naming the holder.
@@ -345,7 +346,7 @@ def acquire(conn: "Connection", resources: Iterable[str], claimant: Claimant, ti
     return taken
 
 
-def release(conn: "Connection", resources: Iterable[str], request_id: str) -> None:
+def release(conn: Connection, resources: Iterable[str], request_id: str) -> None:
     """Drop our rows, then our advisory locks (in that order: the row is gone before the next
     holder can take the lock, so it never looks stale)."""
     from dn import db
@@ -356,7 +357,7 @@ def release(conn: "Connection", resources: Iterable[str], request_id: str) -> No
             db.advisory_unlock(conn, lock_key(res))
 
 
-def forget(conn: "Connection", request_id: str) -> int:
+def forget(conn: Connection, request_id: str) -> int:
     """Remove the rows of our own run after its session was lost (its advisory locks died with it)."""
     from dn import db
 
@@ -365,7 +366,7 @@ def forget(conn: "Connection", request_id: str) -> int:
                             (request_id, os.getpid(), socket.gethostname())).rowcount
 
 
-def break_lock(conn: "Connection", res: str) -> Holder:
+def break_lock(conn: Connection, res: str) -> Holder:
     """Remove a stale lock. A lock whose holder is alive is never broken (raises Locked)."""
     from dn import db
 

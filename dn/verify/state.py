@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from dn.verify.probe import Probe
 
 
-def check_state_purged(probe: "Probe") -> tuple[Status, list[str]]:
+def check_state_purged(probe: Probe) -> tuple[Status, list[str]]:
     """For every tenant deleted (GDPR) or destroyed (cancelled): no file of the state backend or of
     the stack work dirs names its stack (its state, .bak, backups, history, lock dir, config)."""
     from dn import engine

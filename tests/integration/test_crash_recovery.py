@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,13 @@ import pytest
 from dn import engine
 from dn.errors import DnError, ExitCode, Locked
 from tests.integration.test_engine import (  # noqa: F401 (fixtures)
-    REPO, backend_dir, env, file_program, needs_cli, open_stack, settings,
+    REPO,
+    backend_dir,
+    env,
+    file_program,
+    needs_cli,
+    open_stack,
+    settings,
 )
 
 pytestmark = [pytest.mark.engine, needs_cli]
@@ -120,7 +126,7 @@ def _pulumi_lock(settings, name: str, *, hostname: str, pid: int, age: timedelta
     d = backend_dir(settings) / ".pulumi" / "locks" / "organization" / "dn" / name
     d.mkdir(parents=True, exist_ok=True)
     f = d / f"{os.urandom(8).hex()}.json"
-    at = (datetime.now(timezone.utc) - age).strftime("%Y-%m-%dT%H:%M:%S.%f123Z")
+    at = (datetime.now(UTC) - age).strftime("%Y-%m-%dT%H:%M:%S.%f123Z")
     f.write_text(json.dumps({"pid": pid, "username": "ops", "hostname": hostname, "timestamp": at}))
     return f
 

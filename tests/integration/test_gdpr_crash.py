@@ -15,7 +15,13 @@ import pytest
 from dn.gdpr import certificate, workflow
 from dn.gdpr.plan import STEPS
 from tests.integration.test_gdpr_setup import (
-    add_request, add_tenant, billing_marker, gdpr_env, markers, scan, snapshot,  # noqa: F401 (fixture)
+    add_request,
+    add_tenant,
+    billing_marker,
+    gdpr_env,  # noqa: F401 (fixture)
+    markers,
+    scan,
+    snapshot,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.sandbox]

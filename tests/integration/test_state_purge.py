@@ -17,7 +17,13 @@ from pulumi.automation import ConfigValue
 
 from dn import engine
 from tests.integration.test_engine import (  # noqa: F401 (fixtures)
-    CONFIG_SECRET, backend_dir, env, file_program, needs_cli, open_stack, settings,
+    CONFIG_SECRET,
+    backend_dir,
+    env,
+    file_program,
+    needs_cli,
+    open_stack,
+    settings,
 )
 
 pytestmark = [pytest.mark.engine, needs_cli]

@@ -5,7 +5,7 @@ import os
 import socket
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -23,9 +23,9 @@ def test_a_stacks_own_file_names(filename, ours):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("2026-12-02T03:40:01.123456789Z", datetime(2026, 12, 2, 3, 40, 1, 123456, tzinfo=timezone.utc)),
-    ("2026-12-02T04:40:01+01:00", datetime(2026, 12, 2, 3, 40, 1, tzinfo=timezone.utc)),
-    ("2026-12-02T03:40:01.5Z", datetime(2026, 12, 2, 3, 40, 1, 500000, tzinfo=timezone.utc)),
+    ("2026-12-02T03:40:01.123456789Z", datetime(2026, 12, 2, 3, 40, 1, 123456, tzinfo=UTC)),
+    ("2026-12-02T04:40:01+01:00", datetime(2026, 12, 2, 3, 40, 1, tzinfo=UTC)),
+    ("2026-12-02T03:40:01.5Z", datetime(2026, 12, 2, 3, 40, 1, 500000, tzinfo=UTC)),
 ])
 def test_go_times(text, expected):
     assert engine._go_time(text) == expected.timestamp()
