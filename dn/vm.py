@@ -875,6 +875,23 @@ def deploy_dn(target, *, root: Path | None = None, progress: Progress = _quiet) 
     return True, digest
 
 
+def settle(target, *, timeout: float = 900, progress: Progress = _quiet) -> str:
+    """Wait until systemd has finished starting the machine (``is-system-running --wait``):
+    until then Docker is still adding its iptables chains and PostgreSQL is starting, and an
+    apply planned meanwhile finds the host changed under it. Returns the state (running, or
+    degraded: ``systemctl --failed`` says why); raises if the machine is not up at all."""
+    from dn import ssh
+
+    with ssh.connect(target) as s:
+        state = s.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=timeout).text.strip()
+        if state not in ("running", "degraded"):
+            raise OperationFailed(f"vm: systemd reports the machine {state or 'unknown'} after {timeout:g}s")
+        if state == "degraded":
+            failed = s.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False).text.strip()
+            progress(f"systemd: degraded ({' | '.join(failed.splitlines())})")
+    return state
+
+
 def write_client_files(data_dir: Path, image: Image) -> ClientFiles:
     """``<data_dir>/vm/``: dn's key, known_hosts pinned from the image, and the configuration
     file pointing dn at the VM host."""
@@ -918,6 +935,7 @@ def up(data_dir: Path, *, progress: Progress = _quiet) -> tuple[list[Part], Path
     with _locked():
         boot(image, progress=progress)
         files = write_client_files(data_dir, image)
+        settle(target(data_dir), progress=progress)
         deploy_dn(target(data_dir), progress=progress)
     parts = status(data_dir)
     down_parts = [p for p in parts if not p.up]

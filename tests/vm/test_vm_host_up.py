@@ -88,6 +88,10 @@ def test_host_up_enables_dn_timers_under_systemd(env, vm_host):
     # the units are where systemd reads them (host prefix /), and the firewall is in the kernel
     assert vm_host.run(["test", "-f", "/etc/systemd/system/dn-health.service"], check=False).rc == 0
     assert "DN-" in vm_host.run(["iptables-save", "-t", "filter"]).text
+    assert "-P INPUT DROP" in vm_host.run(["iptables", "-S", "INPUT"]).text
+    # nginx runs under systemd on dn's main configuration
+    assert vm_host.run(["systemctl", "is-active", "nginx"], check=False).text.strip() == "active"
+    assert "Managed by dn" in vm_host.run(["head", "-1", "/etc/nginx/nginx.conf"]).text
 
     code, out, err = env.dn_json("host", "up", timeout=1200)
     assert code == 0, err[-3000:]
