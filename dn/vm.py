@@ -32,21 +32,20 @@ are separate from the process-running parts (build, boot, stop, status).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tarfile
-import io
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 from dn.errors import Locked, OperationFailed
 
@@ -361,7 +360,7 @@ class ClientFiles:
     dir: Path
 
     @classmethod
-    def of(cls, data_dir: Path) -> "ClientFiles":
+    def of(cls, data_dir: Path) -> ClientFiles:
         return cls(Path(data_dir) / "vm")
 
     @property

@@ -13,7 +13,6 @@ def test_an_apply_whose_dead_man_fired_fails_and_a_rerun_converges(vm_host):
     from dn.errors import DnError
     from dn.host import firewall as fw
     from dn.models import HostBaseline
-    from dn import vm
 
     host = HostBaseline.from_settings(_settings(vm_host))
     with vm_host.session() as s:
