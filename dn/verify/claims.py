@@ -6,9 +6,7 @@ anyone reading it depend on them.
 """
 from __future__ import annotations
 
-from dn.verify import auditlog, backups, data, network, nginx, shredding, storage
-from dn.verify import access
-from dn.verify import hostkey
+from dn.verify import access, auditlog, backups, data, hostkey, network, nginx, shredding, storage
 from dn.verify.core import Claim
 from dn.verify.state import check_state_purged
 
@@ -128,17 +126,17 @@ CLAIMS: tuple[Claim, ...] = (
           "no deletion request open past its deadline, no deadline later than 30 days after receipt, no tenant "
           "cancelled more than 30 days ago and still not deleted",
           data.check_deadlines),
+    Claim("gdpr.state-purged",
+          "Deletion happens within 30 days (a legal obligation)",
+          "for every tenant deleted (GDPR) or destroyed: no file of the Pulumi state backend (stack file, .bak, "
+          "backups, history, locks) or of the stack work dirs (config and salt) names its stack",
+          check_state_purged),
     Claim("gdpr.keys-shredded",
           "Deletion happens within 30 days (a legal obligation)",
           "for every tenant deleted (GDPR) and every crypto-shredded key owner: no key file in this machine's "
           "keystore, in the verified host's keystore (its timers' data dir, over SSH) or in the second region's "
           "escrow, and a tombstone for each deleted tenant in all three",
           shredding.check_keys_shredded),
-    Claim("gdpr.state-purged",
-          "Deletion happens within 30 days (a legal obligation)",
-          "for every tenant deleted (GDPR) or destroyed: no file of the Pulumi state backend (stack file, .bak, "
-          "backups, history, locks) or of the stack work dirs (config and salt) names its stack",
-          check_state_purged),
     Claim("keys.no-retired",
           "Platform API keys: Fernet symmetric encryption in the DB, keys in the env",
           "no api_keys value remains encrypted under a retired Fernet key (dn keys status)",
