@@ -11,7 +11,8 @@ An apply (``apply``, after ``read`` and the pure ``plan``):
    the host prefix (``fallocate``, or ``truncate`` where the filesystem cannot allocate);
 2. ``format``: ``cryptsetup isLuks`` is checked right before: an existing LUKS volume is never
    formatted again (formats from stdin give no overwrite warning), and a file that is not LUKS
-   is formatted only if its first MiB is blank (the remains of an interrupted create);
+   is formatted only if its first MiB is blank (the remains of an interrupted create); a LUKS
+   header without any keyslot (a format cut short) is formatted anew, since no key opens it;
 3. ``verify``: the header is read back (``luksDump``: cipher, key size, argon2id) and the key is
    tested (``open --test-passphrase``);
 4. where the kernel's device-mapper answers (``dmsetup version``; ``/dev/mapper/control`` alone
@@ -202,11 +203,15 @@ def plan(spec: VolumeSpec, state: VolumeState, *, where: str = "host", verify_ke
         else:
             notes.append(f"refused: {spec.image} exists, is not a LUKS volume and holds data; dn formats only blank files")
     else:
-        if state.header is not None:
+        if state.header is not None and state.header.keyslots:
             notes += [f"refused: {spec.image}: {p}; a volume's format cannot change in place (replace it)"
                       for p in state.header.problems(spec)]
-            if not state.header.keyslots:
-                notes.append(f"refused: {spec.image} has no keyslot left (erased): it can never be opened again")
+        elif state.header is not None:
+            # Nothing can decrypt it any more, so formatting it anew loses nothing: this is what a
+            # create killed inside luksFormat (header written, keyslot not yet) leaves behind.
+            changes.append(Change("format", spec.image, "a LUKS header with no keyslot (a format cut short, or "
+                                                        "an erase): nothing can decrypt it; formatted anew"))
+            formatted = True
         if state.size is not None and state.size < spec.size:
             changes.append(Change("grow", spec.image, f"{state.size // MIB} MiB → {spec.size_mb} MiB"))
         elif state.size is not None and state.size > spec.size:
@@ -288,11 +293,13 @@ def _allocate(s: "Session", spec: VolumeSpec) -> None:
 
 def _format(s: "Session", spec: VolumeSpec, key: bytes) -> None:
     # Right before the format, however the plan was made: never format an existing LUKS volume.
-    if _ok(s, ["cryptsetup", "isLuks", spec.image]):
+    # The one exception: a header with no keyslot, which no key can open any more.
+    header = read_header(s, spec.image)
+    if header is not None and header.keyslots:
         raise OperationFailed(f"{s.where}: {spec.image} is already a LUKS volume; dn never formats one again",
                               hint="its data is intact; if it must be replaced, delete it first (crypto-erase)")
     st = s.stat(spec.image)
-    if st is None or not _blank(s, spec.image, int(st.st_size or 0)):
+    if header is None and (st is None or not _blank(s, spec.image, int(st.st_size or 0))):
         raise OperationFailed(f"{s.where}: {spec.image} is not blank; refusing to format it")
     _cryptsetup(s, ["luksFormat", "--batch-mode", "--type", LUKS_TYPE, "--cipher", spec.cipher,
                     "--key-size", str(spec.key_bits), "--pbkdf", spec.pbkdf, "--label", spec.label,

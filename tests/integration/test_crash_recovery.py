@@ -292,10 +292,19 @@ def test_crashed_tenant_create_update_and_gdpr_delete_converge_on_rerun(host_env
     while not lock_files(env.settings, SLUG):
         assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "slow"
         time.sleep(0.05)
-    second = env.dn("tenant", "update", SLUG, "--plan", "large")
+    # Stopped (SIGSTOP), the first run is alive but cannot finish meanwhile: the second run meets its
+    # locks however long it takes to start.
+    # It stays stopped until the kill below: a crash in the middle of its update.
+    os.killpg(p.pid, signal.SIGSTOP)
+    try:
+        second = env.dn("tenant", "update", SLUG, "--plan", "large")
+        held = lock_files(env.settings, SLUG)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
     assert second.returncode == ExitCode.LOCKED, second.stderr
     assert "is locked by user:" in second.stderr and "running 'tenant update'" in second.stderr
-    assert "no longer alive" not in second.stderr and lock_files(env.settings, SLUG)
+    assert "no longer alive" not in second.stderr and held
     assert len(audit_rows(env, "lock takeover")) == 3
     kill_while_locked(env, p, SLUG, settle=0.5)
     r = env.dn("tenant", "update", SLUG, "--plan", "large")
