@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,8 @@ def test_truncated_newest_manifest_fails_fresh(bk, pg_super):
     settings, env = bk
     generate(pg_super, tenants=1, events=20)
     older = run.run_backup(settings, env)
+    # Backup ids order by their second (then a random suffix): the newest must start a later one.
+    time.sleep(1.05 - time.time() % 1)
     newest = run.run_backup(settings, env)
     assert newest.id > older.id
     with run.open_store(settings) as store:
@@ -116,6 +119,7 @@ def test_damaged_older_backup_is_evidence_not_a_failure_of_freshness(bk, pg_supe
     settings, env = bk
     generate(pg_super, tenants=1, events=20)
     older = run.run_backup(settings, env)
+    time.sleep(1.05 - time.time() % 1)  # a later second: ids order by it
     newest = run.run_backup(settings, env)
     with run.open_store(settings) as store:
         size = store.sftp.stat(manifest_path(store, older.id)).st_size
