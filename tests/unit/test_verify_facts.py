@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timezone, UTC
 
 import pytest
 
@@ -68,7 +68,7 @@ def test_daily_gaps_and_spans():
 
 
 def test_drills_merge_history_and_region_verdicts():
-    t = datetime(2026, 11, 20, 4, tzinfo=timezone.utc)
+    t = datetime(2026, 11, 20, 4, tzinfo=UTC)
     history = [{"drill_id": "d1", "started_at": t.isoformat(), "result": "passed", "rto_seconds": 12.5,
                 "backup": {"id": "b1"}},
                {"file": "/x.json", "result": "unreadable"}]
