@@ -294,7 +294,8 @@ def _proc_exe(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -308,7 +309,7 @@ def _daemon_pid(pidfile: Path, exe: str, netns: str | None) -> int | None:
         pid = int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    if not _alive(pid) or _proc_exe(pid) != exe:
+    if not pid_alive(pid) or _proc_exe(pid) != exe:
         return None
     if netns is not None:
         ino = _netns_ino(netns)
@@ -324,7 +325,7 @@ def _stop(pid: int, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     try:
@@ -355,7 +356,7 @@ def sandbox_processes() -> list[int]:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        if pid in mine or not _alive(pid):
+        if pid in mine or not pid_alive(pid):
             continue
         if _proc_netns(pid) in inos:
             found.append(pid)

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dn.errors import Locked, OperationFailed
+from dn.sandbox import pid_alive
 
 # --------------------------------------------------------------------------------------------
 # the recipe (pure)
@@ -649,14 +650,6 @@ def image_host_key(image: Image) -> str:
 # --------------------------------------------------------------------------------------------
 # boot, stop, status
 # --------------------------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def qemu_pid(run: Run = Run()) -> int | None:
     """The pid of the VM's QEMU if it runs (checked against its command line, not just the file)."""
     try:
@@ -667,7 +660,7 @@ def qemu_pid(run: Run = Run()) -> int | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    if not _alive(pid) or not cmd or not cmd[0].endswith(QEMU.encode()) or str(run.pidfile).encode() not in cmd:
+    if not pid_alive(pid) or not cmd or not cmd[0].endswith(QEMU.encode()) or str(run.pidfile).encode() not in cmd:
         return None
     return pid
 
@@ -802,17 +795,17 @@ def stop(run: Run = Run(), *, progress: Progress = _quiet, grace: float = 0) -> 
         return False
     if grace > 0 and _qmp(run, "system_powerdown"):
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.5)
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if not _alive(pid):
+        if not pid_alive(pid):
             break
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.2)
     progress("qemu stopped")
     return True
