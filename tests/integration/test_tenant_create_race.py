@@ -11,7 +11,6 @@ nothing may answer. Traffic only to the sandbox's own addresses.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from dn.render.iptables import TENANTS_DEFAULT_DROP, TENANTS_FWD, TENANTS_IN, pa
 from dn.sandbox import DAEMON_ENV, DOCKER_HOST
 from dn.sandbox import issue_certificate as sandbox_cert
 from tests.fixtures.sandbox import host_lock
+from tests.integration.test_tenant_isolation_race import ROOT_NS, serve_here
 from tests.stacks import e2e
 
 pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.sandbox, pytest.mark.postgres,
 CONFIG = "c2d0bS1jb250YWluZXItY29uZmlnLXNlY3JldC12YWx1ZQ=="
 SLUG = "race-acme"
 DOMAIN = "gtm.race-acme.example"
-ROOT_NS, PORT = "10.231.1.1", 9876  # a listener in this namespace: forwarded traffic, for the host
+PORT = 9876  # a listener on ROOT_NS (this namespace): forwarded traffic, for the host
 
 
 @pytest.fixture
@@ -43,28 +43,11 @@ def env(sandbox, dn_settings_data, tmp_path):
 
 @pytest.fixture
 def listener():
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((ROOT_NS, PORT))
-    srv.listen(16)
-    srv.settimeout(0.2)
     stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except TimeoutError:
-                continue
-            with c:
-                c.sendall(b"here\n")
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
+    th = serve_here(stop, PORT)
     yield
     stop.set()
     th.join(timeout=5)
-    srv.close()
 
 
 def chains_now(sandbox, bridge: str, forward: str, inp: str) -> dict[str, bool]:

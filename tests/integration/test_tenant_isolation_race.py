@@ -51,10 +51,11 @@ class RaceEnv:
     host: HostBaseline
 
 
-def _serve_here(stop: threading.Event) -> threading.Thread:
+def serve_here(stop: threading.Event, port: int = FORWARDED) -> threading.Thread:
+    """A listener on this namespace's sandbox address answering "here" until ``stop`` is set."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((ROOT_NS, FORWARDED))
+    srv.bind((ROOT_NS, port))
     srv.listen(64)
     srv.settimeout(0.2)
 
@@ -77,7 +78,7 @@ def _serve_here(stop: threading.Event) -> threading.Thread:
 def race_env(sandbox) -> Iterator[RaceEnv]:
     host = HostBaseline.from_settings(sandbox.settings, tenant_host_services=(f"tcp/{ALLOWED}",))
     stop = threading.Event()
-    here = _serve_here(stop)
+    here = serve_here(stop)
     on_host = [subprocess.Popen(["ip", "netns", "exec", "dn-eu1", sys.executable, "-m", "http.server", "--bind",
                                  "0.0.0.0", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
                for port in (HOST_ONLY, ALLOWED)]
@@ -203,9 +204,9 @@ def test_a_failed_firewall_apply_leaves_the_tenant_reaching_nothing(race_env, sa
 
 
 def test_verify_reads_the_default_drop_from_the_live_rules(race_env, sandbox):
+    from dn.render.iptables import default_closed_findings
     from dn.verify import core
     from dn.verify.claims import CLAIMS
-    from dn.render.iptables import default_closed_findings
     from dn.verify.probe import Probe
 
     with Probe(sandbox.settings) as probe:

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from dn.models import parse_host
-from dn.render.iptables import TENANTS_DEFAULT_DROP, apply_restore, combined_restore_text, parse_save, render_baseline
-from dn.render.iptables import default_closed_findings
+from dn.render.iptables import (
+    TENANTS_DEFAULT_DROP,
+    apply_restore,
+    combined_restore_text,
+    default_closed_findings,
+    parse_save,
+    render_baseline,
+)
 from tests.unit.test_host_plans import DOCKER_ONLY
 from tests.unit.test_render_iptables import tenant
 
